@@ -1,0 +1,212 @@
+"""Measurement: latency with warm-up and repeats, percentiles, peak memory, tokens/s, machine.
+
+Timing is built on ``torch.utils.benchmark.Timer``, which warms up, synchronises CUDA before
+reading the clock, sets the thread count and repeats until a minimum run time; we report its
+median and inter-quartile range. Compare two implementations as a ratio measured in the same run
+(``compare``): an absolute time means little on a shared machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as benchmark
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and spread of one measured callable."""
+
+    label: str
+    median_s: float
+    iqr_s: float
+    runs: int
+    threads: int
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+    def __str__(self) -> str:
+        return (f"{self.label}: median {self.median_ms:.3f} ms (IQR {self.iqr_s * 1e3:.3f} ms, "
+                f"{self.runs} runs, {self.threads} threads)")
+
+
+def _check_callable(fn, name="fn"):
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def time_fn(fn: Callable[[], object], *, label: str = "", warmup: int = 3,
+            min_run_time: float = 0.3, threads: int | None = None) -> Timing:
+    """Time ``fn()`` with ``torch.utils.benchmark``: ``warmup`` untimed calls, then repeated
+    blocks for at least ``min_run_time`` seconds; returns the median and IQR per call."""
+    _check_callable(fn)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if min_run_time <= 0:
+        raise ValueError(f"min_run_time must be > 0 seconds, got {min_run_time}")
+    threads = threads or torch.get_num_threads()
+    for _ in range(warmup):
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads,
+                            label=label or getattr(fn, "__name__", "fn"))
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return Timing(label or getattr(fn, "__name__", "fn"), m.median, m.iqr, len(m.times), threads)
+
+
+def compare(fns: dict[str, Callable[[], object]], **kwargs) -> dict[str, dict[str, float]]:
+    """Time several callables in one run, interleaved round by round, and give each one's
+    speed-up over the first (the baseline): ``{label: {"median_ms", "iqr_ms", "speedup"}}``."""
+    if not fns:
+        raise ValueError("fns must hold at least one callable (the first is the baseline)")
+    rounds = kwargs.pop("rounds", 3)
+    per_label: dict[str, list[Timing]] = {label: [] for label in fns}
+    for _ in range(rounds):  # interleave so that a slow spell of the machine hits all alike
+        for label, fn in fns.items():
+            per_label[label].append(time_fn(fn, label=label, **kwargs))
+    medians = {k: statistics.median(t.median_s for t in v) for k, v in per_label.items()}
+    base = medians[next(iter(fns))]
+    return {
+        label: {"median_ms": medians[label] * 1e3,
+                "iqr_ms": statistics.median(t.iqr_s for t in per_label[label]) * 1e3,
+                "speedup": base / medians[label]}
+        for label in fns
+    }
+
+
+def latency_percentiles(fn: Callable[[], object], *, n: int = 50, warmup: int = 5,
+                        percentiles=(50, 90, 99), clock: Callable[[], float] = time.perf_counter,
+                        sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Per-call latencies (seconds) of ``n`` calls after ``warmup``: ``{"p50": ..., "p90": ...,
+    "mean": ..., "first": ...}``. ``first`` is the first (cold) call, kept to show warm-up.
+
+    Percentiles use the nearest-rank method on the sorted samples. ``sync`` (for example
+    ``torch.cuda.synchronize``) runs before each clock read; ``clock`` can be replaced in tests.
+    """
+    _check_callable(fn)
+    if n < 1 or warmup < 0:
+        raise ValueError(f"n must be >= 1 and warmup >= 0, got n={n}, warmup={warmup}")
+    if any(not 0 < p <= 100 for p in percentiles):
+        raise ValueError(f"percentiles must lie in (0, 100], got {percentiles}")
+    sync = sync or (lambda: None)
+    samples = []
+    for _ in range(warmup + n):
+        sync()
+        t0 = clock()
+        fn()
+        sync()
+        samples.append(clock() - t0)
+    first, timed = samples[0], sorted(samples[warmup:])
+    result = {f"p{p:g}": timed[max(0, -(-p * len(timed) // 100) - 1)] for p in percentiles}
+    result.update(mean=statistics.fmean(timed), first=first)
+    return result
+
+
+def tokens_per_second(n_tokens: int, seconds: float) -> float:
+    if n_tokens < 0 or seconds <= 0:
+        raise ValueError(f"need n_tokens >= 0 and seconds > 0, got {n_tokens}, {seconds}")
+    return n_tokens / seconds
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str | torch.device = "cpu",
+                      interval_s: float = 0.0005) -> int:
+    """Peak memory that ``fn()`` adds on top of what was in use when it started.
+
+    CUDA: exact, from the caching allocator's peak counter. CPU: the process's resident set
+    size sampled every ``interval_s`` by a background thread (psutil), so a very short spike can be
+    missed and the figure includes allocator overhead; good to a few percent for tensors of MBs.
+    """
+    _check_callable(fn)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = before
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, process.memory_info().rss)
+    return max(0, peak - before)
+
+
+# --------------------------------------------------------------------------- machine report
+
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+          "amx_tile")
+
+
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and model:
+                    break
+    except OSError:  # not Linux: fall back to py-cpuinfo when present
+        try:
+            import cpuinfo
+
+            info = cpuinfo.get_cpu_info()
+            model, flags = info.get("brand_raw", model), set(info.get("flags", []))
+        except ImportError:
+            pass
+    return model, flags
+
+
+def machine_info() -> dict[str, object]:
+    """What a reader needs to interpret a timing: CPU, cores, vector/matrix ISA flags, GPU,
+    threads and library versions."""
+    import importlib.metadata as md
+
+    model, flags = _cpu_model_and_flags()
+    info: dict[str, object] = {
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "isa": " ".join(f for f in _FLAGS if f in flags) or "none of " + ",".join(_FLAGS),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+    }
+    for package in ("torch", "transformers", "onnxruntime", "triton", "bitsandbytes", "numpy"):
+        try:
+            info[package] = md.version(package)
+        except md.PackageNotFoundError:
+            info[package] = "not installed"
+    return info
+
+
+def format_machine_info(info: dict[str, object] | None = None) -> str:
+    info = info or machine_info()
+    return "\n".join(f"{key:>14}: {value}" for key, value in info.items())

