@@ -46,7 +46,9 @@ def test_unknown_model_name_and_missing_files_are_clear(tmp_path):
 
 
 def test_hub_model_offline_fails_with_a_clear_message(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     monkeypatch.setenv(models.HUB_ENV_VAR, "no-such-org/no-such-model")
     with pytest.raises(RuntimeError, match="could not load hub model 'no-such-org/no-such-model'"):
         models.load_course_model("teacher")

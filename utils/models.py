@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,6 +139,21 @@ def encode_split(split: str, tokenizer=None) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- loading
 
+@contextmanager
+def _no_loading_bar():
+    """Hide transformers' "Loading weights" bar (its rate differs run to run, which nbval
+    would compare), restoring the caller's setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def model_dir(name: str) -> Path:
     return MODELS_DIR / _spec(name).name
 
@@ -154,7 +170,8 @@ def load_course_model(name: str = "teacher", *, dtype: torch.dtype = torch.float
     hub_id = hub_id or (os.environ.get(HUB_ENV_VAR) if name == "teacher" else None)
     if hub_id:
         try:
-            model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+            with _no_loading_bar():
+                model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(hub_id)
         except OSError as err:
             raise RuntimeError(
@@ -168,7 +185,8 @@ def load_course_model(name: str = "teacher", *, dtype: torch.dtype = torch.float
         raise FileNotFoundError(
             f"checkpoint {path}/model.safetensors is missing: run `python -m utils.models train {name}`"
         )
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    with _no_loading_bar():
+        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device).eval(), load_tokenizer(path / "tokenizer.json")
 
 
@@ -189,7 +207,8 @@ def load_minilm(*, dtype: torch.dtype = torch.float32, device: str | torch.devic
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+    with _no_loading_bar():
+        model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.to(device).eval(), tokenizer
 
