@@ -21,6 +21,7 @@ from utils.bench import format_machine_info, machine_info
 # number -> (name, module with report_rows())
 CHAPTERS: dict[str, tuple[str, str]] = {
     "00": ("measuring", "utils.roofline"),
+    "01": ("fusion", "utils.fusion"),
 }
 
 

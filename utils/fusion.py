@@ -1,0 +1,847 @@
+"""Chapter 01: operator fusion and graph compilation, by the memory-traffic model.
+
+Fusion does not lower the arithmetic: a fused chain of element-wise operators does exactly the
+FLOPs of the unfused chain. What it removes is memory traffic (each unfused operator reads its
+inputs from memory and writes its output back; a fused kernel reads the chain's inputs once and
+writes its output once) and per-operator overhead (kernel launches, dispatch, allocation). The
+source documents (seed 000, Sec. 4.2) claim the opposite ("fusion lowers computational
+complexity"); the course teaches the traffic model instead and measures it.
+
+What is here, each checked against a library where one exists:
+- Byte/FLOP counts of an element-wise chain, unfused vs fused, and the predicted speed-up when
+  memory-bound (``chain_traffic``, ``predicted_speedup``); three runners of one chain: eager
+  PyTorch, hand-fused by cache tiling, and ``torch.compile`` (Inductor's generated C++ loop).
+- Softmax three ways: naive, safe (max-subtracted) and online (Milakov and Gimelshein,
+  "Online normalizer calculation for softmax", 2018, Sec. 3: 4 memory accesses per element for
+  safe softmax, 3 for the online form), the recurrence FlashAttention builds on (Dao et al. 2022).
+- Horizontal fusion (Q, K and V projections as one GEMM), folding a norm's scale into the next
+  linear layer, BatchNorm into a convolution (checked against ``torch.nn.utils.fusion``), RoPE
+  sin/cos tables precomputed (Su et al., RoFormer, 2021, Sec. 3.4.2; checked against
+  transformers), split-K and row/column splits of a matmul.
+- Graphs: a course-written Llama decoder block built from the teacher's weights (traceable by
+  ``torch.fx.symbolic_trace``), FX passes that remove identity and dead operators and rewrite a
+  pattern into a fused operator, and helpers to compile blocks with ``torch.compile``.
+
+``report_rows()`` measures the chapter's headline cases for ``python -m utils.report 01``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------- byte/FLOP model
+
+
+@dataclass(frozen=True)
+class ElementwiseOp:
+    """One element-wise operator of a chain.
+
+    ``tensor_inputs`` counts the full-size tensors it reads (the chain's running value included;
+    a broadcast bias vector or a scalar counts 0 since its bytes are negligible);
+    ``flops`` is the arithmetic per output element (a count, not a time: GELU's erf costs tens).
+    """
+
+    name: str
+    tensor_inputs: int
+    flops: int
+
+
+# bias + GELU + scale + residual: the epilogue of a transformer MLP or attention projection.
+BIAS_GELU_SCALE_RESIDUAL: tuple[ElementwiseOp, ...] = (
+    ElementwiseOp("add bias", 1, 1),
+    ElementwiseOp("gelu (erf)", 1, 20),
+    ElementwiseOp("mul scale", 1, 1),
+    ElementwiseOp("add residual", 2, 1),
+)
+
+
+def _check_chain(ops: Sequence[ElementwiseOp]) -> None:
+    if not ops or not all(isinstance(op, ElementwiseOp) for op in ops):
+        raise ValueError("ops must be a non-empty sequence of ElementwiseOp")
+    if ops[0].tensor_inputs < 1 or any(op.tensor_inputs < 1 for op in ops[1:]):
+        raise ValueError("every op must read at least one full-size tensor (the running value)")
+
+
+def chain_traffic(ops: Sequence[ElementwiseOp], numel: int, bytes_per_value: float = 4,
+                  write_allocate: bool = False) -> dict[str, float]:
+    """Bytes moved and FLOPs of an element-wise chain on tensors of ``numel`` elements.
+
+    Unfused: every operator reads its ``tensor_inputs`` from memory and writes its output, so the
+    bytes are sum(tensor_inputs + 1) x numel x bytes. Fused: one kernel reads the chain's external
+    inputs once (the first op's inputs plus each later op's extra inputs) and writes one output.
+    FLOPs are the same both ways. ``write_allocate=True`` counts each write twice, as a CPU cache
+    does without streaming stores (it reads the line before writing it).
+    """
+    _check_chain(ops)
+    _check_positive_int("numel", numel)
+    if not bytes_per_value > 0:
+        raise ValueError(f"bytes_per_value must be > 0, got {bytes_per_value!r}")
+    w = 2 if write_allocate else 1
+    unfused_reads = sum(op.tensor_inputs for op in ops)
+    fused_reads = ops[0].tensor_inputs + sum(op.tensor_inputs - 1 for op in ops[1:])
+    return {
+        "unfused_bytes": float((unfused_reads + w * len(ops)) * numel * bytes_per_value),
+        "fused_bytes": float((fused_reads + w) * numel * bytes_per_value),
+        "flops": float(sum(op.flops for op in ops) * numel),
+        "unfused_kernels": len(ops),
+        "fused_kernels": 1,
+    }
+
+
+def predicted_speedup(ops: Sequence[ElementwiseOp], numel: int, bytes_per_value: float = 4, *,
+                      bandwidth: float | None = None, overhead_s: float = 0.0,
+                      write_allocate: bool = False) -> float:
+    """Predicted time(unfused) / time(fused).
+
+    Without ``bandwidth``: the memory-bound limit, unfused bytes / fused bytes. With it (bytes/s),
+    the time model t = kernels x overhead_s + bytes / bandwidth, which tends to the kernel-count
+    ratio for tiny tensors and to the byte ratio for huge ones.
+    """
+    t = chain_traffic(ops, numel, bytes_per_value, write_allocate)
+    if bandwidth is None:
+        return t["unfused_bytes"] / t["fused_bytes"]
+    if not bandwidth > 0 or overhead_s < 0:
+        raise ValueError(f"bandwidth must be > 0 and overhead_s >= 0, got {bandwidth}, "
+                         f"{overhead_s}")
+    unfused = t["unfused_kernels"] * overhead_s + t["unfused_bytes"] / bandwidth
+    fused = t["fused_kernels"] * overhead_s + t["fused_bytes"] / bandwidth
+    return unfused / fused
+
+
+def measure_bandwidth(numel: int = 2**24, min_run_time: float = 0.3) -> float:
+    """Achievable memory bandwidth (bytes/s) of this process: ``y.copy_(x)`` on ``numel`` floats
+    counted as one read and one write (the same counting as ``chain_traffic``)."""
+    from utils.bench import time_fn
+
+    _check_positive_int("numel", numel)
+    x, y = torch.randn(numel), torch.empty(numel)
+    t = time_fn(lambda: y.copy_(x), label="copy", min_run_time=min_run_time)
+    return 2 * numel * 4 / t.median_s
+
+
+# --------------------------------------------------------------------------- the chain, 3 ways
+
+
+def _check_chain_args(x, bias, residual):
+    for name, value in (("x", x), ("bias", bias), ("residual", residual)):
+        _check_tensor(name, value)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    if bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
+
+
+def bias_gelu_scale_residual(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                             scale: float = 0.5) -> torch.Tensor:
+    """Eager reference: ``gelu(x + bias) * scale + residual``, four operators, four passes."""
+    return F.gelu(x + bias) * scale + residual
+
+
+def bias_gelu_scale_residual_tiled(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                                   scale: float = 0.5, block_rows: int | None = None,
+                                   block_bytes: int = 128 * 1024,
+                                   workers: int | None = None) -> torch.Tensor:
+    """Hand-fused by cache tiling: the same four operators, run tile by tile on rows small
+    enough (``block_bytes``, default 128 KiB) to stay in the L2 cache between operators, in place
+    on one reused buffer. Main memory then sees the fused traffic: x and residual read once, the
+    output written once. Still four (cheap) operator calls per tile.
+
+    Like Inductor's loop, each of ``workers`` threads (default: torch's thread count) takes a
+    contiguous range of rows and runs the whole chain on it; a 128 KiB tile (32768 floats) is at
+    PyTorch's parallel grain size, so each operator runs on its worker's core with no
+    thread-pool barrier between operators."""
+    _check_chain_args(x, bias, residual)
+    x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+    rows, cols = x2.shape
+    if block_rows is None:
+        block_rows = max(1, block_bytes // (cols * x.element_size()))
+    _check_positive_int("block_rows", block_rows)
+    workers = workers or torch.get_num_threads()
+    _check_positive_int("workers", workers)
+    out = torch.empty_like(x2)
+
+    def run(lo: int, hi: int) -> None:
+        buf = torch.empty(min(block_rows, hi - lo), cols, dtype=x.dtype)
+        for start in range(lo, hi, block_rows):
+            stop = min(hi, start + block_rows)
+            b = buf[: stop - start]
+            torch.add(x2[start:stop], bias, out=b)        # read x (DRAM), write b (cache)
+            torch.ops.aten.gelu_(b)                       # in cache
+            b.mul_(scale)                                 # in cache
+            torch.add(b, r2[start:stop], out=out[start:stop])  # read residual, write out (DRAM)
+
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    ranges = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    if len(ranges) == 1:
+        run(*ranges[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+            list(pool.map(lambda r: run(*r), ranges))  # list() re-raises a worker's error
+    return out.view_as(x)
+
+
+def compiled_chain(dynamic: bool = False) -> Callable:
+    """``torch.compile`` (Inductor) of the eager chain: one generated C++ loop on CPU (Triton on a
+    GPU). Compiles on the first call per input shape (tens of seconds cold, about 2 s warm)."""
+    return torch.compile(bias_gelu_scale_residual, dynamic=dynamic)
+
+
+def inductor_code(fn: Callable, *args, **kwargs) -> tuple[object, str]:
+    """Run a compiled ``fn`` once and return ``(result, generated source)`` that Inductor wrote
+    (``torch._inductor.utils.run_and_get_code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    result, codes = run_and_get_code(fn, *args, **kwargs)
+    return result, "\n".join(codes)
+
+
+def kernel_source(code: str, max_lines: int = 60) -> str:
+    """The C++ kernel part of Inductor's CPU output code (the ``cpp_fused_*`` source string)."""
+    lines = code.splitlines()
+    start = next((i for i, line in enumerate(lines) if "cpp_fused" in line and "'''" in line),
+                 None)
+    if start is None:
+        start = next((i for i, line in enumerate(lines) if "cpp_fused" in line), 0)
+    end = next((i for i in range(start + 1, len(lines)) if "'''" in lines[i]), len(lines))
+    return "\n".join(lines[start:min(end + 1, start + max_lines)])
+
+
+# --------------------------------------------------------------------------- softmax
+
+# memory accesses per element (reads + writes) of each variant, Milakov and Gimelshein 2018, Sec. 3
+SOFTMAX_ACCESSES = {"naive": 3, "safe": 4, "online": 3}
+
+
+def softmax_naive(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(x) / sum exp(x): two passes (sum, normalise), overflows once x > ~88 in float32."""
+    _check_tensor("x", x)
+    e = torch.exp(x)
+    return e / e.sum(dim, keepdim=True)
+
+
+def softmax_safe(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(x - max) / sum exp(x - max): same value, no overflow, but three passes over x."""
+    _check_tensor("x", x)
+    m = x.amax(dim, keepdim=True)
+    e = torch.exp(x - m)
+    return e / e.sum(dim, keepdim=True)
+
+
+def online_softmax_stats(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the last dimension in blocks, carrying the running max m and the running
+    sum d of exp(x - m):
+
+        m_new = max(m, max_j x_j)        d_new = d * exp(m - m_new) + sum_j exp(x_j - m_new)
+
+    Returns (m, d) per row. A row that is all -inf keeps m = -inf and d = 0."""
+    _check_tensor("x", x)
+    _check_positive_int("block", block)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    m = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype)
+    d = torch.zeros(x.shape[:-1], dtype=x.dtype)
+    for start in range(0, x.shape[-1], block):
+        xb = x[..., start:start + block]
+        m_new = torch.maximum(m, xb.amax(-1))
+        # where every value so far is -inf, shift by 0 instead (avoids -inf - -inf = nan)
+        shift = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+        d = d * torch.exp(m - shift) + torch.exp(xb - shift.unsqueeze(-1)).sum(-1)
+        m = m_new
+    return m, d
+
+
+def softmax_online(x: torch.Tensor, dim: int = -1, block: int = 128) -> torch.Tensor:
+    """Online softmax: one pass for (max, sum) by ``online_softmax_stats``, one to normalise.
+    Matches ``torch.softmax``, including NaN on a row that is entirely -inf."""
+    _check_tensor("x", x)
+    xt = x.movedim(dim, -1)
+    m, d = online_softmax_stats(xt, block)
+    return (torch.exp(xt - m.unsqueeze(-1)) / d.unsqueeze(-1)).movedim(-1, dim)
+
+
+# --------------------------------------------------------------------------- horizontal fusion
+
+
+class FusedQKV(nn.Module):
+    """Q, K and V projections as one GEMM: the three weight matrices stacked along the output
+    dimension, one read of the input, one call; the output split back into q, k, v."""
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear):
+        super().__init__()
+        projs = (q_proj, k_proj, v_proj)
+        if not all(isinstance(p, nn.Linear) for p in projs):
+            raise TypeError("q_proj, k_proj and v_proj must be nn.Linear")
+        if len({p.in_features for p in projs}) != 1:
+            raise ValueError(f"q, k, v projections must share in_features, got "
+                             f"{[p.in_features for p in projs]}")
+        has_bias = [p.bias is not None for p in projs]
+        if len(set(has_bias)) != 1:
+            raise ValueError("q, k, v projections must all have a bias or all have none")
+        self.sizes = [p.out_features for p in projs]
+        self.qkv = nn.Linear(q_proj.in_features, sum(self.sizes), bias=has_bias[0])
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([p.weight for p in projs], 0))  # (Nq+Nk+Nv, C)
+            if has_bias[0]:
+                self.qkv.bias.copy_(torch.cat([p.bias for p in projs], 0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.qkv(x).split(self.sizes, dim=-1))
+
+
+# --------------------------------------------------------------------------- folding
+
+
+@torch.no_grad()
+def fold_norm_into_linears(norm: nn.Module, linears: Sequence[nn.Linear]) -> None:
+    """Fold a normalisation's elementwise affine (weight g, optional bias beta) into the linear
+    layers that read its output, in place, exactly:
+
+        W (g * n + beta) + c = (W diag(g)) n + (W beta + c)
+
+    so W <- W * g (each column scaled), c <- c + W beta, then g <- 1, beta <- 0. Works for
+    ``nn.LayerNorm``, ``nn.RMSNorm`` and transformers' ``LlamaRMSNorm`` (attribute ``weight``)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise TypeError(f"norm must have a 1-D .weight (LayerNorm/RMSNorm), "
+                        f"got {type(norm).__name__}")
+    if not linears or not all(isinstance(lin, nn.Linear) for lin in linears):
+        raise TypeError("linears must be a non-empty sequence of nn.Linear")
+    for lin in linears:
+        if lin.in_features != weight.numel():
+            raise ValueError(f"linear in_features {lin.in_features} != norm size {weight.numel()}")
+    beta = getattr(norm, "bias", None)
+    for lin in linears:
+        if beta is not None:
+            shift = lin.weight @ beta  # uses the unscaled W
+            if lin.bias is None:
+                lin.bias = nn.Parameter(shift.clone())
+            else:
+                lin.bias.add_(shift)
+        lin.weight.mul_(weight.unsqueeze(0))  # (N, C) * (1, C)
+    weight.fill_(1.0)
+    if beta is not None:
+        beta.zero_()
+
+
+def fold_llama_norms(model: nn.Module) -> nn.Module:
+    """A copy of a transformers Llama model with every decoder layer's two RMSNorm weights folded
+    into q/k/v and gate/up projections. The final norm is left alone: the teacher ties lm_head to
+    the embedding, so folding into lm_head would change the input embeddings too."""
+    model = copy.deepcopy(model)
+    layers = model.model.layers
+    for layer in layers:
+        att, mlp = layer.self_attn, layer.mlp
+        fold_norm_into_linears(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
+        fold_norm_into_linears(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    return model
+
+
+@torch.no_grad()
+def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new conv equal to bn(conv(x)) in eval mode:
+    w' = w * gamma / sqrt(var + eps) (per output channel), b' = (b - mean) * gamma / sqrt(var + eps)
+    + beta. Check against ``torch.nn.utils.fusion.fuse_conv_bn_eval``."""
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError("conv must be nn.Conv2d and bn nn.BatchNorm2d")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn has {bn.num_features} features, conv {conv.out_channels} outputs")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn must track running statistics to be folded")
+    fused = copy.deepcopy(conv)
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    factor = gamma / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+    fused.weight.copy_(conv.weight * factor.reshape(-1, 1, 1, 1))
+    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias = nn.Parameter((b - bn.running_mean) * factor + beta)
+    return fused
+
+
+# --------------------------------------------------------------------------- RoPE tables
+
+
+def rope_tables(head_dim: int, max_positions: int, base: float = 10000.0,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (max_positions, head_dim) of rotary embeddings, computed once:
+    theta_i = base^(-2i / head_dim), angle(p, i) = p theta_i, in the half-split layout that
+    transformers' Llama uses (the frequencies repeated for the two halves)."""
+    _check_positive_int("head_dim", head_dim)
+    _check_positive_int("max_positions", max_positions)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    if not base > 1:
+        raise ValueError(f"base must be > 1, got {base}")
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, D/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (P, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by tables cos, sin (T, D): x cos + rotate_half(x) sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------- operator splitting
+
+
+def _check_matmul(a, b, parts, dim_name, dim_size):
+    _check_tensor("a", a)
+    _check_tensor("b", b)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"a and b must be 2-D with a.shape[1] == b.shape[0], got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    _check_positive_int("parts", parts)
+    if parts > dim_size:
+        raise ValueError(f"parts must be <= {dim_name} = {dim_size}, got {parts}")
+
+
+def matmul_split_k(a: torch.Tensor, b: torch.Tensor, parts: int) -> torch.Tensor:
+    """A @ B = sum_p A[:, K_p] @ B[K_p, :]: each part is an independent partial product (another
+    core or device), then one reduction. Equal up to float rounding (the sum order changes)."""
+    _check_matmul(a, b, parts, "K", a.shape[1] if a.dim() == 2 else 0)
+    return sum(ap @ bp for ap, bp in zip(a.tensor_split(parts, 1), b.tensor_split(parts, 0)))
+
+
+def matmul_split_rows(a: torch.Tensor, b: torch.Tensor, parts: int) -> torch.Tensor:
+    """Row split: each part computes A[M_p, :] @ B, the results concatenated; no reduction."""
+    _check_matmul(a, b, parts, "M", a.shape[0] if a.dim() == 2 else 0)
+    return torch.cat([ap @ b for ap in a.tensor_split(parts, 0)], 0)
+
+
+def matmul_split_cols(a: torch.Tensor, b: torch.Tensor, parts: int) -> torch.Tensor:
+    """Column split: each part computes A @ B[:, N_p] (a column-parallel linear layer)."""
+    _check_matmul(a, b, parts, "N", b.shape[1] if b.dim() == 2 else 0)
+    return torch.cat([a @ bp for bp in b.tensor_split(parts, 1)], 1)
+
+
+def matmul_split_threads(a: torch.Tensor, b: torch.Tensor, parts: int,
+                         split: str = "cols") -> torch.Tensor:
+    """Run the ``parts`` pieces of a row or column split on ``parts`` Python threads at once
+    (torch releases the GIL inside a matmul), as tensor parallelism runs them on devices. Set
+    ``torch.set_num_threads(1)`` around it to see the split alone supply the parallelism."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if split not in ("rows", "cols"):
+        raise ValueError(f"split must be 'rows' or 'cols', got {split!r}")
+    dim_size = (a.shape[0] if split == "rows" else b.shape[1]) if a.dim() == b.dim() == 2 else 0
+    _check_matmul(a, b, parts, "M" if split == "rows" else "N", dim_size)
+    pieces = a.tensor_split(parts, 0) if split == "rows" else b.tensor_split(parts, 1)
+    work = (lambda p: p @ b) if split == "rows" else (lambda p: a @ p)
+    with ThreadPoolExecutor(max_workers=parts) as pool:
+        outs = list(pool.map(work, pieces))
+    return torch.cat(outs, 0 if split == "rows" else 1)
+
+
+# --------------------------------------------------------------------------- a traceable block
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang and Sennrich 2019) written as transformers writes it: five operators."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps))
+
+
+class CourseRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+class CourseDecoderBlock(nn.Module):
+    """One Llama decoder layer (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP) in plain
+    PyTorch, with no cache and no data-dependent Python, so ``torch.fx.symbolic_trace`` captures
+    it. ``from_llama_layer`` copies a transformers ``LlamaDecoderLayer``'s weights."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, intermediate: int,
+                 eps: float = 1e-5, dropout: float = 0.0):
+        super().__init__()
+        if hidden % heads or heads % kv_heads:
+            raise ValueError(f"hidden ({hidden}) must divide by heads ({heads}) and heads by "
+                             f"kv_heads ({kv_heads})")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        d = self.head_dim
+        self.input_norm = CourseRMSNorm(hidden, eps)
+        self.q_proj = nn.Linear(hidden, heads * d, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(heads * d, hidden, bias=False)
+        self.attn_dropout = nn.Dropout(dropout)  # identity at inference: a pass removes it
+        self.post_norm = CourseRMSNorm(hidden, eps)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    @classmethod
+    def from_llama_layer(cls, layer: nn.Module, config) -> "CourseDecoderBlock":
+        att, mlp = layer.self_attn, layer.mlp
+        block = cls(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                    config.intermediate_size, config.rms_norm_eps, config.attention_dropout)
+        with torch.no_grad():
+            block.input_norm.weight.copy_(layer.input_layernorm.weight)
+            block.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(block, name).weight.copy_(getattr(att, name).weight)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(block, name).weight.copy_(getattr(mlp, name).weight)
+        return block.eval()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
+        v = self.v_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        groups = self.heads // self.kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, T, D)
+        v = v.repeat_interleave(groups, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        att = self.attn_dropout(att.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
+        x = x + self.o_proj(att)
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class CourseLlama(nn.Module):
+    """The teacher as embedding, ``CourseDecoderBlock``s, final RMSNorm and tied lm_head, for a
+    full forward without a cache. ``from_llama`` copies a transformers LlamaForCausalLM."""
+
+    def __init__(self, embed: nn.Embedding, blocks: Sequence[CourseDecoderBlock],
+                 norm: CourseRMSNorm, lm_head: nn.Linear, rope_base: float, max_positions: int):
+        super().__init__()
+        self.embed, self.blocks = embed, nn.ModuleList(blocks)
+        self.norm, self.lm_head = norm, lm_head
+        cos, sin = rope_tables(blocks[0].head_dim, max_positions, rope_base)
+        self.register_buffer("cos", cos, persistent=False)  # precomputed once, (P, D)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @classmethod
+    def from_llama(cls, model: nn.Module) -> "CourseLlama":
+        cfg = model.config
+        blocks = [CourseDecoderBlock.from_llama_layer(layer, cfg) for layer in model.model.layers]
+        norm = CourseRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        with torch.no_grad():
+            norm.weight.copy_(model.model.norm.weight)
+        base = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") \
+            or getattr(cfg, "rope_theta", 10000.0)
+        return cls(model.model.embed_tokens, blocks, norm, model.lm_head, base,
+                   cfg.max_position_embeddings).eval()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        if T > self.cos.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds the RoPE table ({self.cos.shape[0]})")
+        cos, sin = self.cos[:T], self.sin[:T]
+        x = self.embed(ids)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+
+def compile_blocks(model: CourseLlama) -> CourseLlama:
+    """A copy of ``model`` whose blocks each run ``torch.compile(block)``. The blocks share one
+    class, and Dynamo passes their parameters as graph inputs, so one compilation per input shape
+    serves all of them."""
+    if not isinstance(model, CourseLlama):
+        raise TypeError(f"model must be a CourseLlama, got {type(model).__name__}")
+    compiled = copy.copy(model)
+    compiled._modules = dict(model._modules)  # a shallow copy would share (and change) this dict
+    compiled.blocks = nn.ModuleList([torch.compile(b, dynamic=False) for b in model.blocks])
+    return compiled
+
+
+@torch.inference_mode()
+def greedy_generate_window(model: nn.Module, ids: torch.Tensor, new_tokens: int,
+                           window: int) -> torch.Tensor:
+    """Greedy generation without a KV cache over a fixed window of the last ``window`` tokens:
+    every step is a full forward of the same shape, so a compiled model compiles once. (The
+    KV-cache chapter removes the recomputation.)"""
+    _check_positive_int("new_tokens", new_tokens)
+    _check_positive_int("window", window)
+    if ids.dim() != 2 or ids.shape[1] < window:
+        raise ValueError(f"ids must be (B, T) with T >= window={window}, got {tuple(ids.shape)}")
+    for _ in range(new_tokens):
+        logits = model(ids[:, -window:])
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+# --------------------------------------------------------------------------- FX passes
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation-times-gate as one operator: silu(a) * b, computed in place on the
+    silu output (one allocation fewer than the two-operator form; same value)."""
+    return F.silu(a).mul_(b)
+
+
+torch.fx.wrap("silu_mul")  # a leaf for symbolic_trace: appears as one call_function node
+
+_IDENTITY_MODULES = (nn.Identity,)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _is_identity(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        return isinstance(mod, _IDENTITY_MODULES) or (
+            isinstance(mod, _DROPOUT_MODULES) and (not mod.training or mod.p == 0))
+    if node.op == "call_function":
+        if node.target is F.dropout:
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            return training is False or p == 0
+        if node.target in (operator.mul, torch.mul) and len(node.args) == 2:
+            return isinstance(node.args[0], torch.fx.Node) and node.args[1] == 1 \
+                and _same_dtype_after(node, node.args[0])
+        if node.target in (operator.add, torch.add, operator.sub) and len(node.args) == 2:
+            return isinstance(node.args[0], torch.fx.Node) and node.args[1] == 0 \
+                and _same_dtype_after(node, node.args[0])
+    if node.op == "call_method" and node.args and isinstance(node.args[0], torch.fx.Node):
+        src = node.args[0].meta.get("tensor_meta")
+        if src is None:
+            return False
+        if node.target == "float" and len(node.args) == 1:
+            return src.dtype == torch.float32
+        if node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype):
+            return src.dtype == node.args[1] and not node.kwargs
+        if node.target == "contiguous" and len(node.args) == 1:
+            return src.is_contiguous if hasattr(src, "is_contiguous") else False
+    return False
+
+
+def _same_dtype_after(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    # x * 1 and x + 0 are identities on floating tensors; integer tensors times a float 1.0
+    # would promote, so without shape propagation we only accept them when dtypes are known equal
+    a, b = node.meta.get("tensor_meta"), src.meta.get("tensor_meta")
+    return a is None or b is None or a.dtype == b.dtype
+
+
+def remove_dead_code(gm: torch.fx.GraphModule) -> int:
+    """Delete nodes whose value nobody uses (walking the graph backwards), keeping placeholders,
+    the output and impure nodes (in-place or random ops). Returns how many were removed. The
+    library does the same: ``gm.graph.eliminate_dead_code()``."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users or node.is_impure():
+            continue
+        gm.graph.erase_node(node)
+        removed += 1
+    gm.graph.lint()
+    gm.recompile()
+    return removed
+
+
+def remove_identity_ops(gm: torch.fx.GraphModule, *example_inputs) -> int:
+    """Replace every identity operator by its input, then delete what became dead: dropout at
+    inference (module or functional), ``nn.Identity``, ``x * 1``, ``x + 0``, and, when
+    ``example_inputs`` are given (dtypes and layouts found by ``ShapeProp``), ``.float()`` or
+    ``.to(dtype)`` on a tensor already of that dtype and ``.contiguous()`` on a contiguous one.
+    Returns how many nodes were removed."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
+    if example_inputs:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        ShapeProp(gm).propagate(*example_inputs)
+    modules = dict(gm.named_modules())
+    before = len(gm.graph.nodes)
+    for node in list(gm.graph.nodes):
+        if _is_identity(node, modules):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    remove_dead_code(gm)
+    for name, mod in list(gm.named_children()):  # drop submodules no node calls any more
+        if isinstance(mod, _IDENTITY_MODULES + _DROPOUT_MODULES) and not any(
+                n.op == "call_module" and n.target == name for n in gm.graph.nodes):
+            delattr(gm, name)
+    gm.recompile()
+    return before - len(gm.graph.nodes)
+
+
+def fuse_silu_mul(gm: torch.fx.GraphModule) -> int:
+    """Pattern rewrite, by hand: ``mul(silu(a), b)`` (either operand order) where the silu has no
+    other user becomes one ``silu_mul(a, b)`` node. Returns the number of rewrites."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
+
+    def is_silu(n):
+        return isinstance(n, torch.fx.Node) and len(n.users) == 1 and (
+            (n.op == "call_function" and n.target in (F.silu, torch.nn.functional.silu))
+            or (n.op == "call_method" and n.target == "silu"))
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target in (operator.mul, torch.mul)
+                and len(node.args) == 2 and not node.kwargs):
+            continue
+        left, right = node.args
+        if is_silu(left):
+            silu, other = left, right
+        elif is_silu(right):
+            silu, other = right, left
+        else:
+            continue
+        if not isinstance(other, torch.fx.Node):
+            continue
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(silu_mul, (silu.args[0], other))
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(silu)
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
+def _rms_pattern_fp32_cast(x, weight):
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + 1e-5))
+
+
+def _rms_pattern(x, weight):  # the same once an identity pass has removed the .float()
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + 1e-5))
+
+
+def _rms_replacement(x, weight):
+    return F.rms_norm(x.float(), (x.shape[-1],), weight, 1e-5)
+
+
+def fuse_rmsnorm(gm: torch.fx.GraphModule) -> int:
+    """Pattern rewrite with the library's matcher (``torch.fx.subgraph_rewriter.replace_pattern``):
+    the five-operator RMSNorm (eps 1e-5, the teacher's) becomes one ``F.rms_norm`` call."""
+    from torch.fx import subgraph_rewriter
+
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"gm must be a torch.fx.GraphModule, got {type(gm).__name__}")
+    count = 0
+    for pattern in (_rms_pattern_fp32_cast, _rms_pattern):
+        count += len(subgraph_rewriter.replace_pattern(gm, pattern, _rms_replacement))
+    gm.recompile()
+    return count
+
+
+def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Nodes by kind: how many call_function/call_method/call_module nodes a graph holds."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- report
+
+
+def chain_inputs(numel: int, cols: int = 1024, seed: int = 0):
+    """Seeded ``(x, bias, residual)`` for the chain: x and residual (numel // cols, cols)."""
+    _check_positive_int("numel", numel)
+    _check_positive_int("cols", cols)
+    g = torch.Generator().manual_seed(seed)
+    rows = max(1, numel // cols)
+    x = torch.randn(rows, cols, generator=g)
+    return x, torch.randn(cols, generator=g), torch.randn(rows, cols, generator=g)
+
+
+def report_rows(numel: int = 2**24, min_run_time: float = 0.2) -> list[dict]:
+    """Chapter 01's headline: each case's predicted and measured speed-up, measured in one run."""
+    from utils.bench import compare
+
+    threads = torch.get_num_threads()
+    rows = []
+    x, b, r = chain_inputs(numel)
+    compiled = compiled_chain()
+    compiled(x, b, r, 0.5)  # compile outside the timing
+    res = compare({"eager": lambda: bias_gelu_scale_residual(x, b, r),
+                   "tiled": lambda: bias_gelu_scale_residual_tiled(x, b, r),
+                   "compiled": lambda: compiled(x, b, r, 0.5)}, min_run_time=min_run_time)
+    pred = predicted_speedup(BIAS_GELU_SCALE_RESIDUAL, x.numel())
+    for name in ("tiled", "compiled"):
+        rows.append({"case": f"bias+gelu+scale+residual, {name} vs eager",
+                     "shape": f"{tuple(x.shape)} fp32", "predicted": pred,
+                     "measured": res[name]["speedup"],
+                     "pred/meas": pred / res[name]["speedup"], "threads": threads})
+    torch.manual_seed(0)
+    q, k, v = nn.Linear(384, 384, bias=False), nn.Linear(384, 128, bias=False), \
+        nn.Linear(384, 128, bias=False)
+    fused = FusedQKV(q, k, v)
+    for tokens in (1, 256):
+        h = torch.randn(1, tokens, 384)
+        with torch.inference_mode():
+            res = compare({"separate": lambda: (q(h), k(h), v(h)), "fused": lambda: fused(h)},
+                          min_run_time=min_run_time)
+        # traffic: the weights are read once either way; the input is read 3 times vs once
+        wbytes, xbytes, ybytes = 384 * 640 * 4, tokens * 384 * 4, tokens * 640 * 4
+        pred = (wbytes + 3 * xbytes + ybytes) / (wbytes + xbytes + ybytes)
+        rows.append({"case": f"QKV one GEMM vs three, {tokens} token(s)",
+                     "shape": f"(1, {tokens}, 384) fp32", "predicted": pred,
+                     "measured": res["fused"]["speedup"],
+                     "pred/meas": pred / res["fused"]["speedup"], "threads": threads})
+    rows.append(_compiled_block_row(threads, min_run_time))
+    return rows
+
+
+def _compiled_block_row(threads: int, min_run_time: float) -> dict:
+    """One teacher block (the small model until the teacher exists), compiled vs eager."""
+    from utils.bench import compare
+    from utils.models import load_course_model, model_dir
+
+    name = "teacher" if (model_dir("teacher") / "model.safetensors").is_file() else "small"
+    course = CourseLlama.from_llama(load_course_model(name)[0])
+    block, T = course.blocks[0], 64
+    x = torch.randn(1, T, block.q_proj.in_features, generator=torch.Generator().manual_seed(0))
+    cos, sin = course.cos[:T], course.sin[:T]
+    compiled = torch.compile(block, dynamic=False)
+    with torch.inference_mode():
+        compiled(x, cos, sin)
+        res = compare({"eager": lambda: block(x, cos, sin),
+                       "compiled": lambda: compiled(x, cos, sin)}, min_run_time=min_run_time)
+    meas = res["compiled"]["speedup"]
+    return {"case": f"{name} decoder block, torch.compile vs eager", "shape": f"(1, {T}) fp32",
+            "predicted": float("nan"), "measured": meas, "pred/meas": float("nan"),
+            "threads": threads}
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    """``(fn(), seconds)``: wall time of one call, for one-off costs such as a compilation."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
