@@ -9,13 +9,26 @@ bound by memory bandwidth: tokens/s <= bandwidth / (weight bytes + KV-cache byte
 Formulas (counting a multiply-add as 2 FLOPs):
 - matmul (M, K) @ (K, N): 2 M K N FLOPs; at least (M K + K N + M N) x bytes-per-value moved.
 - KV cache: 2 (K and V) x layers x kv_heads x head_dim x seq_len x batch x bytes-per-value
-  (Pope et al., "Efficiently Scaling Transformer Inference", 2022, Sec. 3.1; with grouped-query
+  (Pope et al., "Efficiently Scaling Transformer Inference", 2022, Sec. 2; with grouped-query
   attention, Ainslie et al. 2023, kv_heads < attention heads).
+
+Measurements (the second half of this file; chapter 00's notebook and ``python -m utils.report 00``
+call the same functions): peak matmul FLOP/s per dtype, memory bandwidth of a copy far larger than
+the caches, prefill vs decode time per token of a causal LM, weight bytes, the KV-cache bytes held
+by a real ``transformers`` cache object, and the bytes of tensors a forward pass allocates.
+Timings use ``utils.bench.time_fn`` (warm-up, repeats, median)::
+
+    python -m utils.report 00            # the headline rows on this machine
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
+
+import torch
+
+from utils.bench import time_fn
 
 
 def _positive_ints(**values) -> None:
@@ -72,3 +85,298 @@ def decode_tokens_per_second_bound(bandwidth: float, weight_bytes: float,
     if kv_bytes < 0:
         raise ValueError(f"kv_bytes must be >= 0, got {kv_bytes!r}")
     return bandwidth / (weight_bytes + kv_bytes)
+
+
+# --------------------------------------------------------------------------- measurements
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+BANDWIDTH_KINDS = ("copy", "read", "add")
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """``torch.float32`` or a name (``'fp32'``, ``'bf16'``, ``'fp16'``) as a floating torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be a floating torch.dtype or one of {sorted(_DTYPES)}, "
+                     f"got {dtype!r}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model (torch.nn.Module with .config), "
+                        f"got {type(model).__name__}")
+
+
+def measure_matmul(m: int, k: int, n: int, dtype="fp32", device="cpu", *,
+                   min_run_time: float = 0.3, seed: int = 0) -> dict:
+    """Time ``(m, k) @ (k, n)`` (``torch.mm`` into a preallocated output) and report its median
+    time, achieved FLOP/s, arithmetic intensity (FLOP/byte, minimum traffic) and the bytes/s that
+    traffic implies. Inputs are seeded normal values in ``dtype`` on ``device``."""
+    _positive_ints(m=m, k=k, n=n)
+    dtype, device = as_dtype(dtype), torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    timing = time_fn(lambda: torch.mm(a, b, out=out), label=f"mm {m}x{k}x{n} {dtype}",
+                     min_run_time=min_run_time)
+    seconds, bytes_per_value = timing.median_s, dtype.itemsize
+    return {"m": m, "k": k, "n": n, "dtype": _dtype_name(dtype), "device": str(device),
+            "threads": timing.threads, "seconds": seconds,
+            "flop_per_s": matmul_flops(m, k, n) / seconds,
+            "intensity": arithmetic_intensity(m, k, n, bytes_per_value),
+            "bytes_per_s": matmul_bytes(m, k, n, bytes_per_value) / seconds}
+
+
+def peak_matmul_flops(dtype="fp32", size: int = 1024, device="cpu", *,
+                      min_run_time: float = 0.3) -> float:
+    """Measured FLOP/s of a square ``size`` matmul: the compute roof of the roofline for ``dtype``
+    (a lower bound on the hardware peak; it is what this library reaches on this machine)."""
+    return measure_matmul(size, size, size, dtype, device, min_run_time=min_run_time)["flop_per_s"]
+
+
+def measure_bandwidth(n_bytes: int = 256 * 2**20, kind: str = "copy", device="cpu", *,
+                      min_run_time: float = 0.3) -> dict:
+    """Memory bandwidth (bytes/s) of a streaming kernel over fp32 buffers of ``n_bytes`` each,
+    chosen far larger than the last-level cache so the data comes from DRAM (or GPU HBM).
+
+    ``kind``: ``'copy'`` (dst <- src, counts n read + n written, the STREAM convention),
+    ``'read'`` (a sum, counts n read) or ``'add'`` (c <- a + b, counts 2n read + n written).
+    A CPU store to memory not in cache first reads the line (write-allocate), so the hardware moves
+    more than the STREAM count for copy and add; that makes these figures conservative.
+    """
+    _positive_ints(n_bytes=n_bytes)
+    if kind not in BANDWIDTH_KINDS:
+        raise ValueError(f"kind must be one of {BANDWIDTH_KINDS}, got {kind!r}")
+    device = torch.device(device)
+    numel = max(1, n_bytes // 4)
+    a = torch.empty(numel, device=device).fill_(1.0)  # fill touches every page before timing
+    b = torch.empty(numel, device=device).fill_(2.0)
+    if kind == "copy":
+        fn, moved = (lambda: b.copy_(a)), 2 * numel * 4
+    elif kind == "read":
+        fn, moved = (lambda: a.sum()), numel * 4
+    else:
+        c = torch.empty(numel, device=device).fill_(0.0)
+        fn, moved = (lambda: torch.add(a, b, out=c)), 3 * numel * 4
+    timing = time_fn(fn, label=f"bandwidth {kind}", min_run_time=min_run_time)
+    return {"kind": kind, "buffer_bytes": numel * 4, "bytes_moved": moved, "device": str(device),
+            "threads": timing.threads, "seconds": timing.median_s,
+            "bytes_per_s": moved / timing.median_s}
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters: sum of numel x element size (tied weights counted once, as
+    ``model.parameters()`` yields a shared tensor once). Buffers (RoPE frequencies) are left out."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _attention_shape(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def model_kv_cache_bytes(model: torch.nn.Module, seq_len: int, batch_size: int = 1) -> int:
+    """The KV-cache formula (``kv_cache_bytes``) with a causal LM's own layers, KV heads, head
+    dimension and parameter dtype."""
+    _check_model(model)
+    layers, kv_heads, head_dim = _attention_shape(model.config)
+    bytes_per_value = next(model.parameters()).element_size()
+    return int(kv_cache_bytes(layers, kv_heads, head_dim, seq_len, batch_size, bytes_per_value))
+
+
+def cache_tensor_bytes(cache) -> int:
+    """Measured bytes of a ``transformers`` cache object: the keys and values tensors it holds in
+    every layer (``DynamicCache.layers[i].keys / .values``; legacy tuples of (k, v) also work)."""
+    layers = getattr(cache, "layers", None)
+    pairs = ([(layer.keys, layer.values) for layer in layers] if layers is not None
+             else list(cache))
+    total = 0
+    for pair in pairs:
+        for tensor in pair:
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def random_token_ids(model: torch.nn.Module, batch_size: int, seq_len: int,
+                     seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids ``(batch_size, seq_len)`` on the model's device. Timings do not
+    depend on which tokens are fed, only on how many."""
+    _check_model(model)
+    _positive_ints(batch_size=batch_size, seq_len=seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=gen)
+    return ids.to(next(model.parameters()).device)
+
+
+@torch.inference_mode()
+def measure_kv_cache(model: torch.nn.Module, seq_len: int, batch_size: int = 1,
+                     seed: int = 0) -> dict:
+    """Prefill ``seq_len`` tokens with ``use_cache=True`` and compare the bytes of the cache object
+    that ``transformers`` returns with the formula. They agree exactly when the cache holds
+    exactly (batch, kv_heads, seq_len, head_dim) keys and values per layer in the model's dtype."""
+    ids = random_token_ids(model, batch_size, seq_len, seed)
+    cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    first = cache.layers[0].keys if hasattr(cache, "layers") else cache[0][0]
+    return {"seq_len": seq_len, "batch_size": batch_size, "cache": type(cache).__name__,
+            "layer_keys_shape": tuple(first.shape), "dtype": _dtype_name(first.dtype),
+            "formula_bytes": model_kv_cache_bytes(model, seq_len, batch_size),
+            "measured_bytes": cache_tensor_bytes(cache)}
+
+
+@torch.inference_mode()
+def prefill_decode_timing(model: torch.nn.Module, *, prompt_len: int = 128, new_tokens: int = 32,
+                          batch_size: int = 1, min_run_time: float = 0.3, seed: int = 0) -> dict:
+    """Time prefill and decode of a causal LM, the two phases of generation.
+
+    - prefill: one forward pass over ``prompt_len`` tokens per sequence that fills the KV cache
+      (``logits_to_keep=1``: only the last position's logits, as ``generate`` does);
+    - decode: ``new_tokens`` greedy steps of one token per sequence that read and extend that
+      cache; after each timed run the cache is cropped back to the prompt, so every run decodes
+      the same positions.
+
+    Returns the median times (``utils.bench.time_fn``) as ms per token and tokens/s. Decode's
+    ``decode_ms_per_step`` is the latency of one new token for every sequence in the batch;
+    ``decode_tokens_per_s`` counts the tokens of the whole batch.
+    """
+    _check_model(model)
+    _positive_ints(prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size)
+    ids = random_token_ids(model, batch_size, prompt_len, seed)
+
+    def prefill():
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    out = prefill()
+    cache, first_token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
+
+    def decode():
+        token = first_token
+        for _ in range(new_tokens):
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)  # (B, 1) greedy
+        cache.crop(-new_tokens)  # negative: remove that many tokens (back to the prompt)
+
+    prefill_t = time_fn(prefill, label="prefill", min_run_time=min_run_time)
+    decode_t = time_fn(decode, label="decode", min_run_time=min_run_time)
+    if cache.get_seq_length() != prompt_len:
+        raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after decode, expected "
+                           f"{prompt_len}: transformers' Cache.crop changed meaning")
+    param = next(model.parameters())
+    return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "dtype": _dtype_name(param.dtype), "device": str(param.device),
+            "threads": prefill_t.threads,
+            "prefill_ms": prefill_t.median_ms,
+            "prefill_ms_per_token": prefill_t.median_ms / (batch_size * prompt_len),
+            "prefill_tokens_per_s": batch_size * prompt_len / prefill_t.median_s,
+            "decode_ms_per_step": decode_t.median_ms / new_tokens,
+            "decode_ms_per_token": decode_t.median_ms / (batch_size * new_tokens),
+            "decode_tokens_per_s": batch_size * new_tokens / decode_t.median_s}
+
+
+def predicted_decode_tokens_per_second(model: torch.nn.Module, bandwidth: float,
+                                       seq_len: int) -> float:
+    """Batch-1 decode bound for this model: bandwidth / (weight bytes + KV-cache bytes at
+    ``seq_len``). Every weight is read once per token (with tied embeddings the LM head reads the
+    whole embedding matrix, so all parameters count)."""
+    return decode_tokens_per_second_bound(bandwidth, model_weight_bytes(model),
+                                          model_kv_cache_bytes(model, seq_len, 1))
+
+
+def tensor_memory_bytes(fn: Callable[[], object], device="cpu") -> dict:
+    """Exact bytes of tensors that ``fn()`` allocates: ``peak_bytes`` above what was allocated
+    before, and ``retained_bytes`` still allocated after (the returned tensors).
+
+    CUDA: the caching allocator's counters. CPU: the allocation and free events that
+    ``torch.profiler`` records with ``profile_memory=True``, summed in time order. Unlike the
+    process's resident set size (``utils.bench.peak_memory_bytes``), this does not depend on
+    whether the C allocator has returned freed memory to the system, so it repeats exactly.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        peak, after = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        del result
+        return {"peak_bytes": peak - before, "retained_bytes": after - before}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    # kineto_results: the raw event list, each allocation (+) or free (-) with its time stamp
+    # (prof.events() keeps only some of the memory events, without a usable order)
+    raw = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if raw is None:
+        raise RuntimeError(f"torch {torch.__version__}'s profiler has no kineto_results: "
+                           "use utils.bench.peak_memory_bytes (resident memory) instead")
+    events = sorted((e.start_ns(), e.nbytes()) for e in raw.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return {"peak_bytes": peak, "retained_bytes": live}
+
+
+# --------------------------------------------------------------------------- report
+
+def report_rows(model_name: str = "teacher", *, prompt_len: int = 128, new_tokens: int = 32,
+                min_run_time: float = 0.3) -> list[dict]:
+    """Chapter 00's headline measurements (``python -m utils.report 00``), about 10-20 s on 2
+    CPU cores: matmul GFLOP/s in fp32 and bf16, copy bandwidth, the course model's prefill and
+    decode time per token, the predicted vs measured batch-1 decode speed and the KV cache by
+    formula vs measured."""
+    from utils.device import pick_device
+    from utils.models import load_course_model
+
+    device = pick_device()
+    threads = torch.get_num_threads()
+    where = f"{device.type}, {threads} threads"
+    rows = []
+
+    def add(measurement, value, unit, conditions):
+        rows.append({"measurement": measurement, "value": float(value), "unit": unit,
+                     "conditions": conditions})
+
+    size = 1024
+    for dtype in ("fp32", "bf16"):
+        flops = peak_matmul_flops(dtype, size, device, min_run_time=min_run_time)
+        add(f"matmul {dtype}", flops / 1e9, "GFLOP/s", f"{size}x{size}x{size}, {where}")
+    bw = measure_bandwidth(256 * 2**20, "copy", device, min_run_time=min_run_time)
+    add("memory bandwidth (copy)", bw["bytes_per_s"] / 1e9, "GB/s",
+        f"2 x 256 MiB fp32 buffers, {where}")
+
+    model, _ = load_course_model(model_name, device=device)
+    cond = f"{model_name} fp32, batch 1, prompt {prompt_len}, {where}"
+    t = prefill_decode_timing(model, prompt_len=prompt_len, new_tokens=new_tokens,
+                              min_run_time=min_run_time)
+    add(f"{model_name} prefill", t["prefill_ms_per_token"], "ms/token", cond)
+    add(f"{model_name} decode", t["decode_ms_per_token"], "ms/token",
+        f"{cond}, {new_tokens} new tokens")
+    mean_len = prompt_len + new_tokens // 2
+    predicted = predicted_decode_tokens_per_second(model, bw["bytes_per_s"], mean_len)
+    add(f"{model_name} decode, bound bandwidth/bytes", predicted, "tokens/s",
+        f"{model_weight_bytes(model) / 1e6:.1f} MB weights + KV at {mean_len} tokens")
+    add(f"{model_name} decode, measured", t["decode_tokens_per_s"], "tokens/s", cond)
+    kv = measure_kv_cache(model, prompt_len)
+    add("KV cache, formula", kv["formula_bytes"], "bytes", f"{model_name} fp32, batch 1, "
+        f"{prompt_len} tokens")
+    add("KV cache, measured", kv["measured_bytes"], "bytes",
+        f"{kv['cache']} tensors, {kv['layer_keys_shape']} per layer for K and for V")
+    return rows

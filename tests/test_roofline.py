@@ -1,0 +1,215 @@
+"""Chapter 00 (utils.roofline): the roofline and memory formulas against hand-computed values, and
+the measurement functions on tiny sizes (they run, return positive finite numbers, and the KV
+cache that transformers builds matches the formula byte for byte)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from utils import roofline as rl
+from utils.paths import MODELS_DIR, REPO_ROOT
+
+
+# --------------------------------------------------------------------------- formulas
+
+def test_matmul_flops_bytes_and_intensity_by_hand():
+    # (2, 3) @ (3, 4): 2*2*3*4 = 48 FLOPs; (6 + 12 + 8) values * 4 bytes = 104 bytes
+    assert rl.matmul_flops(2, 3, 4) == 48
+    assert rl.matmul_bytes(2, 3, 4) == 104
+    assert rl.matmul_bytes(2, 3, 4, bytes_per_value=2) == 52
+    assert rl.arithmetic_intensity(2, 3, 4) == pytest.approx(48 / 104)
+
+
+def test_gemv_intensity_is_about_two_over_bytes_per_value():
+    # decode: (1, 4096) @ (4096, 4096) in bf16: 2*4096^2 / ((4096 + 4096^2 + 4096) * 2) ~ 1
+    ai = rl.arithmetic_intensity(1, 4096, 4096, bytes_per_value=2)
+    assert ai == pytest.approx(2 * 4096**2 / ((2 * 4096 + 4096**2) * 2))
+    assert 0.99 < ai < 1.0
+    # a square matmul of side n in fp32: 2n^3 / (3 n^2 * 4) = n / 6
+    assert rl.arithmetic_intensity(600, 600, 600) == pytest.approx(100.0)
+
+
+def test_attainable_flops_is_the_lower_of_the_two_roofs():
+    peak, bw = 100e9, 10e9  # ridge point at 10 FLOP/byte
+    assert rl.attainable_flops(1.0, peak, bw) == 10e9  # memory-bound
+    assert rl.attainable_flops(10.0, peak, bw) == 100e9  # on the ridge
+    assert rl.attainable_flops(50.0, peak, bw) == 100e9  # compute-bound
+
+
+def test_kv_cache_bytes_teacher_and_gqa():
+    # teacher: 6 layers, 2 KV heads of dim 64; 128 tokens, batch 1, fp32:
+    # 2 * 6 * 2 * 64 * 128 * 1 * 4 = 786432 bytes
+    assert rl.kv_cache_bytes(6, 2, 64, 128, 1, 4) == 786_432
+    # grouped-query attention with 2 KV heads for 6 query heads stores 3x less than MHA
+    mha = rl.kv_cache_bytes(6, 6, 64, 128, 1, 4)
+    assert mha == 3 * rl.kv_cache_bytes(6, 2, 64, 128, 1, 4)
+    # fp16 default, a 7B-like shape: 32 layers, 32 heads of 128, 4096 tokens = 2 GiB
+    assert rl.kv_cache_bytes(32, 32, 128, 4096) == 2 * 2**30
+
+
+def test_decode_bound():
+    assert rl.decode_tokens_per_second_bound(100e9, 1e9) == pytest.approx(100.0)
+    assert rl.decode_tokens_per_second_bound(100e9, 1e9, kv_bytes=1e9) == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: rl.matmul_flops(0, 3, 4), "m"),
+    (lambda: rl.matmul_flops(2, 3.0, 4), "k"),
+    (lambda: rl.matmul_flops(2, 3, True), "n"),
+    (lambda: rl.matmul_bytes(2, 3, 4, bytes_per_value=0), "bytes_per_value"),
+    (lambda: rl.arithmetic_intensity(2, -1, 4), "k"),
+    (lambda: rl.attainable_flops(0, 1e9, 1e9), "intensity"),
+    (lambda: rl.attainable_flops(1, float("inf"), 1e9), "peak_flops"),
+    (lambda: rl.attainable_flops(1, 1e9, -5), "bandwidth"),
+    (lambda: rl.kv_cache_bytes(6, 0, 64, 128), "num_kv_heads"),
+    (lambda: rl.kv_cache_bytes(6, 2, 64, 128, batch_size=0), "batch_size"),
+    (lambda: rl.kv_cache_bytes(6, 2, 64, 12.5), "seq_len"),
+    (lambda: rl.decode_tokens_per_second_bound(0, 1e9), "bandwidth"),
+    (lambda: rl.decode_tokens_per_second_bound(1e9, 1e9, kv_bytes=-1), "kv_bytes"),
+    (lambda: rl.as_dtype("int8"), "dtype"),
+    (lambda: rl.as_dtype(torch.int32), "dtype"),
+    (lambda: rl.measure_matmul(0, 8, 8), "m"),
+    (lambda: rl.measure_bandwidth(2**20, kind="write"), "kind"),
+    (lambda: rl.measure_bandwidth(0), "n_bytes"),
+])
+def test_bad_arguments_raise_value_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        call()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: rl.model_weight_bytes("a model"),
+    lambda: rl.model_kv_cache_bytes(torch.nn.Linear(2, 2), 8),
+    lambda: rl.prefill_decode_timing(None),
+    lambda: rl.tensor_memory_bytes(42),
+])
+def test_non_models_raise_type_error(call):
+    with pytest.raises(TypeError, match="must be"):
+        call()
+
+
+# --------------------------------------------------------------------------- measurements
+
+def _finite_positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_measure_matmul_returns_positive_rates(dtype):
+    r = rl.measure_matmul(16, 32, 8, dtype, min_run_time=0.01)
+    assert r["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    assert _finite_positive(r["flop_per_s"]) and _finite_positive(r["bytes_per_s"])
+    bytes_per_value = 4 if dtype == "fp32" else 2
+    assert r["intensity"] == rl.arithmetic_intensity(16, 32, 8, bytes_per_value)
+    assert r["flop_per_s"] == pytest.approx(rl.matmul_flops(16, 32, 8) / r["seconds"])
+    assert _finite_positive(rl.peak_matmul_flops(dtype, size=32, min_run_time=0.01))
+
+
+@pytest.mark.parametrize("kind, copies", [("copy", 2), ("read", 1), ("add", 3)])
+def test_measure_bandwidth_counts_bytes_per_kind(kind, copies):
+    r = rl.measure_bandwidth(2**20, kind, min_run_time=0.01)
+    assert r["buffer_bytes"] == 2**20 and r["bytes_moved"] == copies * 2**20
+    assert _finite_positive(r["bytes_per_s"])
+
+
+def _tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  tie_word_embeddings=True)
+    return LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).eval()
+
+
+def test_model_weight_bytes_counts_tied_embeddings_once():
+    tied, untied = _tiny_llama(), _tiny_llama(tie_word_embeddings=False)
+    n_tied = sum(p.numel() for p in tied.parameters())
+    assert rl.model_weight_bytes(tied) == 4 * n_tied
+    assert rl.model_weight_bytes(untied) == rl.model_weight_bytes(tied) + 64 * 32 * 4
+    assert rl.model_weight_bytes(tied.to(torch.bfloat16)) == 2 * n_tied
+
+
+def test_kv_cache_measured_equals_formula_for_teacher_shapes():
+    # the teacher's architecture with random weights: no checkpoint needed for shapes
+    from transformers import LlamaForCausalLM
+
+    from utils.models import SPECS, llama_config
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(llama_config(SPECS["teacher"])).eval()
+    r = rl.measure_kv_cache(teacher, seq_len=17, batch_size=3)
+    assert r["layer_keys_shape"] == (3, 2, 17, 64)  # (B, kv_heads, T, head_dim)
+    assert r["formula_bytes"] == 2 * 6 * 2 * 64 * 17 * 3 * 4
+    assert r["measured_bytes"] == r["formula_bytes"]
+
+
+def test_prefill_decode_timing_on_a_tiny_model():
+    model = _tiny_llama()
+    r = rl.prefill_decode_timing(model, prompt_len=8, new_tokens=3, batch_size=2,
+                                 min_run_time=0.01)
+    for key in ("prefill_ms_per_token", "prefill_tokens_per_s", "decode_ms_per_step",
+                "decode_ms_per_token", "decode_tokens_per_s"):
+        assert _finite_positive(r[key]), key
+    assert r["decode_ms_per_token"] == pytest.approx(r["decode_ms_per_step"] / 2)
+    assert (r["batch_size"], r["prompt_len"], r["threads"]) == (2, 8, torch.get_num_threads())
+
+
+def test_predicted_decode_speed_uses_weights_and_kv():
+    model = _tiny_llama()
+    weights = rl.model_weight_bytes(model)
+    kv = rl.model_kv_cache_bytes(model, 10)
+    assert kv == 2 * 2 * 2 * 8 * 10 * 4  # layers, kv heads, head_dim 32/4, tokens, fp32
+    assert rl.predicted_decode_tokens_per_second(model, 1e9, 10) == pytest.approx(
+        1e9 / (weights + kv))
+
+
+def test_tensor_memory_bytes_is_exact_on_cpu():
+    one_mib = 2**18  # float32 values
+    kept = rl.tensor_memory_bytes(lambda: torch.ones(one_mib))
+    assert kept == {"peak_bytes": 2**20, "retained_bytes": 2**20}
+
+    def temporaries():  # two 1 MiB temporaries alive at once, a 4-byte scalar kept
+        x = torch.ones(one_mib)
+        return (x * 2).sum()
+
+    r = rl.tensor_memory_bytes(temporaries)
+    assert r["peak_bytes"] >= 2 * 2**20
+    assert r["retained_bytes"] < 2**20
+
+
+def test_cache_tensor_bytes_accepts_legacy_tuples():
+    k = torch.zeros(1, 2, 5, 8)
+    assert rl.cache_tensor_bytes([(k, k), (k, k)]) == 4 * k.numel() * 4
+
+
+# --------------------------------------------------------------------------- report
+
+def test_report_rows_on_the_small_model():
+    if not (MODELS_DIR / "small" / "model.safetensors").is_file():
+        pytest.skip("models/small checkpoint not present")
+    rows = rl.report_rows("small", prompt_len=16, new_tokens=4, min_run_time=0.01)
+    by_name = {r["measurement"]: r for r in rows}
+    assert set(rows[0]) == {"measurement", "value", "unit", "conditions"}
+    assert all(_finite_positive(r["value"]) for r in rows)
+    assert by_name["KV cache, formula"]["value"] == by_name["KV cache, measured"]["value"] \
+        == 2 * 4 * 2 * 48 * 16 * 4  # small: 4 layers, 2 KV heads of 48
+    assert by_name["matmul bf16"]["unit"] == "GFLOP/s"
+
+
+@pytest.mark.slow
+def test_report_cli_json_for_chapter_00():
+    if not (MODELS_DIR / "teacher" / "model.safetensors").is_file():
+        pytest.skip("models/teacher checkpoint not present")
+    out = subprocess.run([sys.executable, "-m", "utils.report", "00", "--json"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    rows = result["chapters"]["00"]["rows"]
+    assert {r["measurement"] for r in rows} >= {"matmul fp32", "matmul bf16",
+                                                "memory bandwidth (copy)", "KV cache, measured"}
+    assert all(r["value"] > 0 for r in rows)
