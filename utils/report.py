@@ -22,6 +22,7 @@ from utils.bench import format_machine_info, machine_info
 CHAPTERS: dict[str, tuple[str, str]] = {
     "00": ("measuring", "utils.roofline"),
     "01": ("fusion", "utils.fusion"),
+    "02": ("quantization", "utils.quantization"),
 }
 
 
