@@ -4,6 +4,7 @@ only what they broke, determinism, the CLI's CSV/JSON, and the sandbox's plain-v
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -238,9 +239,10 @@ def test_private_cases_are_added_to_the_hidden_ones(tmp_path):
     assert report["exercises"]["gemv_intensity"]["points"] == 1
 
 
-def test_a_sandbox_that_cannot_start_is_the_graders_error(monkeypatch):
-    spec = load_spec("lab00")
-    monkeypatch.setattr(grading, "REPO_ROOT", Path("/nonexistent"))
+def test_a_sandbox_that_cannot_start_is_the_graders_error():
+    # a trusted start-up import that fails: the sandbox never reports ready (this must not
+    # depend on how utils is installed, so no path tricks)
+    spec = dataclasses.replace(load_spec("lab00"), preimport=("no_such_module_for_this_test",))
     _, cases = grading.prepare(spec)
     with pytest.raises(GradingError, match="did not start"):
         grading.grade_file(SOLUTIONS_DIR / spec.notebook, spec, cases[:1])
