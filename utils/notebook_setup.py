@@ -2,7 +2,7 @@
 
 On Colab it clones the course and installs what Colab lacks, keeping Colab's own CUDA torch;
 elsewhere it finds the repository root with pathlib (walking up from the notebook's folder) so
-that ``utils`` imports without an absolute path. ``tests/test_notebooks_static.py`` checks that
+that ``utils`` imports without an absolute path. ``tests/test_setup.py`` checks that
 every notebook starts with exactly this cell; ``utils.nbtools.new_notebook`` inserts it.
 """
 
