@@ -131,14 +131,13 @@ def predicted_speedup(ops: Sequence[ElementwiseOp], numel: int, bytes_per_value:
 
 
 def measure_bandwidth(numel: int = 2**24, min_run_time: float = 0.3) -> float:
-    """Achievable memory bandwidth (bytes/s) of this process: ``y.copy_(x)`` on ``numel`` floats
-    counted as one read and one write (the same counting as ``chain_traffic``)."""
-    from utils.bench import time_fn
+    """Achievable memory bandwidth (bytes/s) of a copy of ``numel`` fp32 values, counted as one
+    read and one write (the same counting as ``chain_traffic``): chapter 00's
+    ``utils.roofline.measure_bandwidth`` at the chain's tensor size."""
+    from utils.roofline import measure_bandwidth as measure_stream
 
     _check_positive_int("numel", numel)
-    x, y = torch.randn(numel), torch.empty(numel)
-    t = time_fn(lambda: y.copy_(x), label="copy", min_run_time=min_run_time)
-    return 2 * numel * 4 / t.median_s
+    return measure_stream(numel * 4, "copy", min_run_time=min_run_time)["bytes_per_s"]
 
 
 # --------------------------------------------------------------------------- the chain, 3 ways
