@@ -204,14 +204,6 @@ def test_matmul_split_rejects_bad_input():
 
 # --------------------------------------------------------------------------- block and passes
 
-@pytest.fixture(scope="module")
-def small():
-    from utils.models import load_course_model
-
-    model, _ = load_course_model("small")
-    return model
-
-
 def test_course_llama_matches_transformers_and_folding_is_exact(small):
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

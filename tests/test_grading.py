@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from utils import grading
-from utils.grading import GradingError, grade, read_code_cells, static_reference_hits
-from utils.labspecs import Case, all_specs, load_spec
+from utils.labs import grade as grading
+from utils.labs.grade import GradingError, grade, read_code_cells, static_reference_hits
+from utils.labs.spec import Case, all_specs, load_spec
 from utils.paths import LABS_DIR, REPO_ROOT, SOLUTIONS_DIR
-from utils.sandbox import run_job, to_plain
+from utils.labs.sandbox import run_job, to_plain
 
 FAST = {"timeout_s": 15, "cell_timeout_s": 2, "call_timeout_s": 1}  # hostile code hits limits
 
@@ -228,7 +228,7 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
 
 def test_private_cases_are_added_to_the_hidden_ones(tmp_path):
     private = tmp_path / "private.py"
-    private.write_text("from utils.labspecs import Case\n"
+    private.write_text("from utils.labs.spec import Case\n"
                        "CASES = {'gemv_intensity': [Case((8192, 28672, 0.5))]}\nSEED = 7\n")
     spec = load_spec("lab00")
     _, base_cases = grading.prepare(spec)
@@ -270,7 +270,7 @@ def test_case_describe_and_points():
 def test_tensor_arguments_and_array_comparison():
     import torch
 
-    from utils.labspecs.base import array_close, call_with_tensors, tensor_arg
+    from utils.labs.spec import array_close, call_with_tensors, tensor_arg
 
     arg = tensor_arg([[1.0, -2.0], [0.5, 4.0]], "float32")
     got = to_plain(call_with_tensors(lambda x: x * 2, arg))

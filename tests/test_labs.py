@@ -7,11 +7,11 @@ import importlib
 import nbformat
 import pytest
 
-from utils import labs
-from utils.checks import check, find_exercise
-from utils.labs import MarkerError, clear_solutions, make_lab
-from utils.labspecs import all_specs, load_spec
-from utils.labspecs.base import Case, resolve
+from utils.labs import generate as labs
+from utils.labs.check import check, find_exercise
+from utils.labs.generate import MarkerError, clear_solutions, make_lab
+from utils.labs.spec import all_specs, load_spec
+from utils.labs.spec import Case, resolve
 from utils.nbtools import RAISES, code, markdown, new_notebook
 from utils.paths import LABS_DIR, SOLUTIONS_DIR
 
@@ -45,7 +45,7 @@ def test_unpaired_markers_are_errors(source, message):
 def test_make_lab_tags_exactly_the_cells_that_will_raise():
     master = new_notebook([
         markdown("# A lab"),
-        code("from utils.checks import check"),
+        code("from utils.labs.check import check"),
         code("def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION"),
         code("check(f)"),
         code("print(f(2))"),
@@ -125,7 +125,7 @@ def test_specs_are_consistent_with_their_notebooks():
 
 
 def test_exercise_and_spec_validate_their_arguments():
-    from utils.labspecs.base import Exercise, LabSpec
+    from utils.labs.spec import Exercise, LabSpec
 
     with pytest.raises(ValueError, match="points"):
         Exercise(name="x", points=0, title="t", expected=lambda: 1)
@@ -183,7 +183,7 @@ def test_check_shows_the_learners_exception_as_theirs(capsys):
     out = capsys.readouterr().out
     assert "your code raised ZeroDivisionError: division by zero" in out
     assert "in helper_that_divides" in out and "test_labs.py" in out
-    assert "utils/checks.py" not in out and "labspecs" not in out and "Traceback" not in out
+    assert "utils/labs/check.py" not in out and "labspecs" not in out and "Traceback" not in out
 
 
 def test_check_says_not_implemented_once_for_a_stub(capsys):
@@ -236,8 +236,8 @@ def test_check_handles_misuse_without_a_traceback(capsys):
 
 
 def test_check_reports_a_broken_spec_as_the_checks_fault(capsys, monkeypatch):
-    from utils import checks
-    from utils.labspecs.base import Exercise
+    from utils.labs import check as checks
+    from utils.labs.spec import Exercise
 
     exercise = Exercise(name="matmul_intensity", points=1, title="t",
                         expected=lambda *a: 1 / 0, public=(Case((1, 1, 1, 2)),))

@@ -385,11 +385,8 @@ def test_collect_hessians_rejects_1d_ids():
 # --------------------------------------------------------------------------- models
 
 @pytest.fixture(scope="module")
-def small_model():
-    from utils.models import encode_split, load_course_model
-
-    model, tok = load_course_model("small")
-    return model, tok, encode_split("validation", tok)[:2048]
+def small_model(small_lm):
+    return small_lm
 
 
 def test_weight_only_int8_on_course_model_keeps_perplexity(small_model):

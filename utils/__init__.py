@@ -13,7 +13,7 @@ Notebooks and labs import from here and never paste this code. One module per co
 - ``utils.fusion``    chapter 01: the memory-traffic model of fusion, online softmax, FX passes
 - ``utils.quantization`` chapter 02: affine/NF4/GPTQ quantization, int8 GEMM, KV-cache int8
 - ``utils.report``    ``python -m utils.report``: every chapter's headline measurements
-- ``utils.labs``, ``utils.checks``, ``utils.grading``, ``utils.sandbox``, ``utils.labspecs``:
+- ``utils.labs``, ``utils.labs.check``, ``utils.labs.grade``, ``utils.labs.sandbox``, ``utils.labspecs``:
   the lab system (generate labs from solutions, learner self-checks, the batch autograder)
 - ``utils.nbtools``, ``utils.notebook_setup``: build and execute the notebooks
 

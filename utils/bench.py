@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.utils.benchmark as benchmark
 
+from utils.validation import check_callable
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -39,16 +41,11 @@ class Timing:
                 f"{self.runs} runs, {self.threads} threads)")
 
 
-def _check_callable(fn, name="fn"):
-    if not callable(fn):
-        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-
-
 def time_fn(fn: Callable[[], object], *, label: str = "", warmup: int = 3,
             min_run_time: float = 0.3, threads: int | None = None) -> Timing:
     """Time ``fn()`` with ``torch.utils.benchmark``: ``warmup`` untimed calls, then repeated
     blocks for at least ``min_run_time`` seconds; returns the median and IQR per call."""
-    _check_callable(fn)
+    check_callable("fn", fn)
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if min_run_time <= 0:
@@ -91,7 +88,7 @@ def latency_percentiles(fn: Callable[[], object], *, n: int = 50, warmup: int = 
     Percentiles use the nearest-rank method on the sorted samples. ``sync`` (for example
     ``torch.cuda.synchronize``) runs before each clock read; ``clock`` can be replaced in tests.
     """
-    _check_callable(fn)
+    check_callable("fn", fn)
     if n < 1 or warmup < 0:
         raise ValueError(f"n must be >= 1 and warmup >= 0, got n={n}, warmup={warmup}")
     if any(not 0 < p <= 100 for p in percentiles):
@@ -124,7 +121,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: str | torch.device = "cp
     size sampled every ``interval_s`` by a background thread (psutil), so a very short spike can be
     missed and the figure includes allocator overhead; good to a few percent for tensors of MBs.
     """
-    _check_callable(fn)
+    check_callable("fn", fn)
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -163,7 +160,7 @@ _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16
           "amx_tile")
 
 
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
+def cpu_model_and_flags() -> tuple[str, set[str]]:
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -190,7 +187,7 @@ def machine_info() -> dict[str, object]:
     threads and library versions."""
     import importlib.metadata as md
 
-    model, flags = _cpu_model_and_flags()
+    model, flags = cpu_model_and_flags()
     info: dict[str, object] = {
         "cpu": model,
         "logical_cores": os.cpu_count(),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 from functools import lru_cache
 
+import torch
+
 from utils.paths import DATA_DIR
 
 CORPUS_PATH = DATA_DIR / "kjv.txt.gz"
@@ -45,3 +47,21 @@ def sample_sentences(n: int = 8, split: str = "validation") -> list[str]:
     verses = [v for v in load_corpus(split).splitlines() if len(v.split()) >= 8]
     step = max(1, len(verses) // n)
     return verses[::step][:n]
+
+
+def token_windows(token_ids: torch.Tensor, context_length: int,
+                  max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows (N, context_length) of a 1-D token stream, the tail dropped:
+    the batches every quality metric and calibration set is computed on."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
+        raise ValueError("token_ids must be a 1-D tensor of token ids, got "
+                         f"{getattr(token_ids, 'shape', type(token_ids).__name__)}")
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2, got {context_length}")
+    if max_tokens is not None:
+        token_ids = token_ids[:max_tokens]
+    n = len(token_ids) // context_length
+    if n == 0:
+        raise ValueError(f"need at least context_length={context_length} tokens, "
+                         f"got {len(token_ids)}")
+    return token_ids[: n * context_length].view(n, context_length)  # (N, T)

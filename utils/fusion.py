@@ -38,18 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --------------------------------------------------------------------------- validation
-
-
-def _check_tensor(name: str, value) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
+# The course model lives in utils.llama; chapter 01 uses (and its notebook names) these parts.
+from utils.llama import (CourseDecoderBlock, CourseLlama, CourseRMSNorm, apply_rope,  # noqa: F401
+                         rms_norm_reference, rope_tables, rotate_half)
+from utils.validation import check_positive_int, check_tensor
 
 # --------------------------------------------------------------------------- byte/FLOP model
 
@@ -95,7 +87,7 @@ def chain_traffic(ops: Sequence[ElementwiseOp], numel: int, bytes_per_value: flo
     does without streaming stores (it reads the line before writing it).
     """
     _check_chain(ops)
-    _check_positive_int("numel", numel)
+    check_positive_int("numel", numel)
     if not bytes_per_value > 0:
         raise ValueError(f"bytes_per_value must be > 0, got {bytes_per_value!r}")
     w = 2 if write_allocate else 1
@@ -136,7 +128,7 @@ def measure_bandwidth(numel: int = 2**24, min_run_time: float = 0.3) -> float:
     ``utils.roofline.measure_bandwidth`` at the chain's tensor size."""
     from utils.roofline import measure_bandwidth as measure_stream
 
-    _check_positive_int("numel", numel)
+    check_positive_int("numel", numel)
     return measure_stream(numel * 4, "copy", min_run_time=min_run_time)["bytes_per_s"]
 
 
@@ -145,7 +137,7 @@ def measure_bandwidth(numel: int = 2**24, min_run_time: float = 0.3) -> float:
 
 def _check_chain_args(x, bias, residual):
     for name, value in (("x", x), ("bias", bias), ("residual", residual)):
-        _check_tensor(name, value)
+        check_tensor(name, value)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, "
                          f"got {tuple(residual.shape)}")
@@ -177,9 +169,9 @@ def bias_gelu_scale_residual_tiled(x: torch.Tensor, bias: torch.Tensor, residual
     rows, cols = x2.shape
     if block_rows is None:
         block_rows = max(1, block_bytes // (cols * x.element_size()))
-    _check_positive_int("block_rows", block_rows)
+    check_positive_int("block_rows", block_rows)
     workers = workers or torch.get_num_threads()
-    _check_positive_int("workers", workers)
+    check_positive_int("workers", workers)
     out = torch.empty_like(x2)
 
     def run(lo: int, hi: int) -> None:
@@ -238,14 +230,14 @@ SOFTMAX_ACCESSES = {"naive": 3, "safe": 4, "online": 3}
 
 def softmax_naive(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x) / sum exp(x): two passes (sum, normalise), overflows once x > ~88 in float32."""
-    _check_tensor("x", x)
+    check_tensor("x", x)
     e = torch.exp(x)
     return e / e.sum(dim, keepdim=True)
 
 
 def softmax_safe(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum exp(x - max): same value, no overflow, but three passes over x."""
-    _check_tensor("x", x)
+    check_tensor("x", x)
     m = x.amax(dim, keepdim=True)
     e = torch.exp(x - m)
     return e / e.sum(dim, keepdim=True)
@@ -258,8 +250,8 @@ def online_softmax_stats(x: torch.Tensor, block: int = 128) -> tuple[torch.Tenso
         m_new = max(m, max_j x_j)        d_new = d * exp(m - m_new) + sum_j exp(x_j - m_new)
 
     Returns (m, d) per row. A row that is all -inf keeps m = -inf and d = 0."""
-    _check_tensor("x", x)
-    _check_positive_int("block", block)
+    check_tensor("x", x)
+    check_positive_int("block", block)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     m = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype)
@@ -277,7 +269,7 @@ def online_softmax_stats(x: torch.Tensor, block: int = 128) -> tuple[torch.Tenso
 def softmax_online(x: torch.Tensor, dim: int = -1, block: int = 128) -> torch.Tensor:
     """Online softmax: one pass for (max, sum) by ``online_softmax_stats``, one to normalise.
     Matches ``torch.softmax``, including NaN on a row that is entirely -inf."""
-    _check_tensor("x", x)
+    check_tensor("x", x)
     xt = x.movedim(dim, -1)
     m, d = online_softmax_stats(xt, block)
     return (torch.exp(xt - m.unsqueeze(-1)) / d.unsqueeze(-1)).movedim(-1, dim)
@@ -381,46 +373,16 @@ def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-# --------------------------------------------------------------------------- RoPE tables
-
-
-def rope_tables(head_dim: int, max_positions: int, base: float = 10000.0,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (max_positions, head_dim) of rotary embeddings, computed once:
-    theta_i = base^(-2i / head_dim), angle(p, i) = p theta_i, in the half-split layout that
-    transformers' Llama uses (the frequencies repeated for the two halves)."""
-    _check_positive_int("head_dim", head_dim)
-    _check_positive_int("max_positions", max_positions)
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even, got {head_dim}")
-    if not base > 1:
-        raise ValueError(f"base must be > 1, got {base}")
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, D/2)
-    emb = torch.cat([angles, angles], dim=-1)  # (P, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by tables cos, sin (T, D): x cos + rotate_half(x) sin."""
-    return x * cos + rotate_half(x) * sin
-
-
 # --------------------------------------------------------------------------- operator splitting
 
 
 def _check_matmul(a, b, parts, dim_name, dim_size):
-    _check_tensor("a", a)
-    _check_tensor("b", b)
+    check_tensor("a", a)
+    check_tensor("b", b)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"a and b must be 2-D with a.shape[1] == b.shape[0], got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
-    _check_positive_int("parts", parts)
+    check_positive_int("parts", parts)
     if parts > dim_size:
         raise ValueError(f"parts must be <= {dim_name} = {dim_size}, got {parts}")
 
@@ -462,115 +424,7 @@ def matmul_split_threads(a: torch.Tensor, b: torch.Tensor, parts: int,
     return torch.cat(outs, 0 if split == "rows" else 1)
 
 
-# --------------------------------------------------------------------------- a traceable block
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm (Zhang and Sennrich 2019) written as transformers writes it: five operators."""
-    x32 = x.float()
-    variance = x32.pow(2).mean(-1, keepdim=True)
-    return weight * (x32 * torch.rsqrt(variance + eps))
-
-
-class CourseRMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x):
-        return rms_norm_reference(x, self.weight, self.eps)
-
-
-class CourseDecoderBlock(nn.Module):
-    """One Llama decoder layer (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP) in plain
-    PyTorch, with no cache and no data-dependent Python, so ``torch.fx.symbolic_trace`` captures
-    it. ``from_llama_layer`` copies a transformers ``LlamaDecoderLayer``'s weights."""
-
-    def __init__(self, hidden: int, heads: int, kv_heads: int, intermediate: int,
-                 eps: float = 1e-5, dropout: float = 0.0):
-        super().__init__()
-        if hidden % heads or heads % kv_heads:
-            raise ValueError(f"hidden ({hidden}) must divide by heads ({heads}) and heads by "
-                             f"kv_heads ({kv_heads})")
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
-        d = self.head_dim
-        self.input_norm = CourseRMSNorm(hidden, eps)
-        self.q_proj = nn.Linear(hidden, heads * d, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(heads * d, hidden, bias=False)
-        self.attn_dropout = nn.Dropout(dropout)  # identity at inference: a pass removes it
-        self.post_norm = CourseRMSNorm(hidden, eps)
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    @classmethod
-    def from_llama_layer(cls, layer: nn.Module, config) -> "CourseDecoderBlock":
-        att, mlp = layer.self_attn, layer.mlp
-        block = cls(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                    config.intermediate_size, config.rms_norm_eps, config.attention_dropout)
-        with torch.no_grad():
-            block.input_norm.weight.copy_(layer.input_layernorm.weight)
-            block.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(block, name).weight.copy_(getattr(att, name).weight)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(block, name).weight.copy_(getattr(mlp, name).weight)
-        return block.eval()
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        h = self.input_norm(x)
-        q = self.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
-        v = self.v_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = self.heads // self.kv_heads
-        k = k.repeat_interleave(groups, dim=1)  # (B, H, T, D)
-        v = v.repeat_interleave(groups, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
-        att = self.attn_dropout(att.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
-        x = x + self.o_proj(att)
-        h = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
-
-class CourseLlama(nn.Module):
-    """The teacher as embedding, ``CourseDecoderBlock``s, final RMSNorm and tied lm_head, for a
-    full forward without a cache. ``from_llama`` copies a transformers LlamaForCausalLM."""
-
-    def __init__(self, embed: nn.Embedding, blocks: Sequence[CourseDecoderBlock],
-                 norm: CourseRMSNorm, lm_head: nn.Linear, rope_base: float, max_positions: int):
-        super().__init__()
-        self.embed, self.blocks = embed, nn.ModuleList(blocks)
-        self.norm, self.lm_head = norm, lm_head
-        cos, sin = rope_tables(blocks[0].head_dim, max_positions, rope_base)
-        self.register_buffer("cos", cos, persistent=False)  # precomputed once, (P, D)
-        self.register_buffer("sin", sin, persistent=False)
-
-    @classmethod
-    def from_llama(cls, model: nn.Module) -> "CourseLlama":
-        cfg = model.config
-        blocks = [CourseDecoderBlock.from_llama_layer(layer, cfg) for layer in model.model.layers]
-        norm = CourseRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        with torch.no_grad():
-            norm.weight.copy_(model.model.norm.weight)
-        base = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") \
-            or getattr(cfg, "rope_theta", 10000.0)
-        return cls(model.model.embed_tokens, blocks, norm, model.lm_head, base,
-                   cfg.max_position_embeddings).eval()
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        T = ids.shape[1]
-        if T > self.cos.shape[0]:
-            raise ValueError(f"sequence length {T} exceeds the RoPE table ({self.cos.shape[0]})")
-        cos, sin = self.cos[:T], self.sin[:T]
-        x = self.embed(ids)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))  # (B, T, vocab)
+# --------------------------------------------------------------------------- compiling the model
 
 
 def compile_blocks(model: CourseLlama) -> CourseLlama:
@@ -591,8 +445,8 @@ def greedy_generate_window(model: nn.Module, ids: torch.Tensor, new_tokens: int,
     """Greedy generation without a KV cache over a fixed window of the last ``window`` tokens:
     every step is a full forward of the same shape, so a compiled model compiles once. (The
     KV-cache chapter removes the recomputation.)"""
-    _check_positive_int("new_tokens", new_tokens)
-    _check_positive_int("window", window)
+    check_positive_int("new_tokens", new_tokens)
+    check_positive_int("window", window)
     if ids.dim() != 2 or ids.shape[1] < window:
         raise ValueError(f"ids must be (B, T) with T >= window={window}, got {tuple(ids.shape)}")
     for _ in range(new_tokens):
@@ -610,7 +464,6 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.silu(a).mul_(b)
 
 
-torch.fx.wrap("silu_mul")  # a leaf for symbolic_trace: appears as one call_function node
 
 _IDENTITY_MODULES = (nn.Identity,)
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -772,8 +625,8 @@ def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
 
 def chain_inputs(numel: int, cols: int = 1024, seed: int = 0):
     """Seeded ``(x, bias, residual)`` for the chain: x and residual (numel // cols, cols)."""
-    _check_positive_int("numel", numel)
-    _check_positive_int("cols", cols)
+    check_positive_int("numel", numel)
+    check_positive_int("cols", cols)
     g = torch.Generator().manual_seed(seed)
     rows = max(1, numel // cols)
     x = torch.randn(rows, cols, generator=g)

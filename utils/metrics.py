@@ -14,20 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def _windows(token_ids: torch.Tensor, context_length: int, max_tokens: int | None):
-    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
-        raise ValueError("token_ids must be a 1-D tensor of token ids, got "
-                         f"{getattr(token_ids, 'shape', type(token_ids).__name__)}")
-    if context_length < 2:
-        raise ValueError(f"context_length must be >= 2, got {context_length}")
-    if max_tokens is not None:
-        token_ids = token_ids[:max_tokens]
-    n = len(token_ids) // context_length
-    if n == 0:
-        raise ValueError(f"need at least context_length={context_length} tokens, "
-                         f"got {len(token_ids)}")
-    return token_ids[: n * context_length].view(n, context_length)  # (N, T)
+from utils.data import token_windows
 
 
 def _logits(model, batch: torch.Tensor) -> torch.Tensor:
@@ -43,7 +30,7 @@ def perplexity(model, token_ids: torch.Tensor, context_length: int = 256,
     Each window predicts its tokens 2..T from the ones before it, so the first token of every
     window is scored by no one; the mean is over all predicted tokens.
     """
-    windows = _windows(token_ids, context_length, max_tokens)
+    windows = token_windows(token_ids, context_length, max_tokens)
     total_nll, count = 0.0, 0
     for batch in windows.split(batch_size):
         logits = _logits(model, batch)[:, :-1]  # (B, T-1, V)
@@ -58,7 +45,7 @@ def perplexity(model, token_ids: torch.Tensor, context_length: int = 256,
 def compare_next_token(reference, candidate, token_ids: torch.Tensor, context_length: int = 256,
                        max_tokens: int | None = 4096, batch_size: int = 8) -> dict[str, float]:
     """Top-1 agreement and mean KL(P_ref || P_cand) (nats/token) over the same windows."""
-    windows = _windows(token_ids, context_length, max_tokens)
+    windows = token_windows(token_ids, context_length, max_tokens)
     agree, kl_sum, count = 0, 0.0, 0
     for batch in windows.split(batch_size):
         ref, cand = _logits(reference, batch), _logits(candidate, batch).to(

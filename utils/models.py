@@ -240,6 +240,30 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> st
 
 # --------------------------------------------------------------------------- training
 
+# --------------------------------------------------------------------------- model surgery
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters: sum of numel x element size (tied weights counted once, as
+    ``model.parameters()`` yields a shared tensor once). Buffers (RoPE frequencies) are left out."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def find_linears(model: torch.nn.Module, skip=("lm_head",)) -> dict[str, torch.nn.Linear]:
+    """Every ``torch.nn.Linear`` except those whose name ends with an entry of ``skip`` (the course
+    models tie ``lm_head`` to the embedding, so it stays in float)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not name.endswith(tuple(skip))}
+
+
+def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted) was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def _lr_at(step: int, spec: CourseModelSpec) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak rate."""
     if step < spec.warmup_steps:

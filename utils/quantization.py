@@ -51,6 +51,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.bench import cpu_model_and_flags
+from utils.data import token_windows
+from utils.models import find_linears, replace_module
+from utils.validation import check_int_range, check_positive_int, check_tensor
+
 GRANULARITIES = ("tensor", "channel", "group")
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 LLM_INT8_THRESHOLD = 6.0  # Dettmers et al. 2022, Sec. 3.2: outlier features have |x| >= 6
@@ -62,24 +67,11 @@ NF4_OFFSET = 0.9677083
 
 def check_bits(bits, low: int = 2, high: int = 8) -> int:
     """Return ``bits`` if it is an integer in [low, high], else raise a ValueError saying so."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
-        raise ValueError(f"bits must be an integer in {low}..{high}, got {bits!r}")
-    return bits
-
-
-def _check_tensor(x, name: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    return x
+    return check_int_range("bits", bits, low, high)
 
 
 def _check_group_size(group_size, columns: int) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    check_positive_int("group_size", group_size)
     if columns % group_size:
         raise ValueError(f"group_size={group_size} must divide the last dimension "
                          f"({columns} columns)")
@@ -217,7 +209,7 @@ def quantize_tensor(x: torch.Tensor, bits: int = 8, symmetric: bool = True,
     """Quantize ``x`` with one (scale, zero point) per tensor, per output channel (row) or per
     group of ``group_size`` consecutive input columns, from the min-max range times ``clip_ratio``
     (clip_ratio < 1 clips the largest values to shrink s for everything else)."""
-    _check_tensor(x)
+    check_tensor("x", x, floating=True, nonempty=True)
     check_bits(bits)
     if not isinstance(clip_ratio, (int, float)) or not 0 < clip_ratio <= 1:
         raise ValueError(f"clip_ratio must lie in (0, 1], got {clip_ratio!r}")
@@ -365,7 +357,7 @@ def mse_optimal_clip(x: torch.Tensor, bits: int = 8, symmetric: bool = True,
     """The clip ratio c in {1/grid, 2/grid, ..., 1} minimising the MSE of per-tensor fake
     quantization with range c x [min, max]; returns ``(c, mse)``. Small c: large clipping error;
     c = 1: the largest rounding error (s/2 with the largest s)."""
-    _check_tensor(x)
+    check_tensor("x", x, floating=True, nonempty=True)
     check_bits(bits)
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive integer, got {grid!r}")
@@ -385,7 +377,7 @@ def calibrate_range(x: torch.Tensor, method: str = "minmax", bits: int = 8,
     """Real range [lo, hi] to quantize ``x`` with: ``minmax`` (every value representable),
     ``percentile`` (the ``percentile``-th and (100 - percentile)-th percentiles, clipping rare
     outliers) or ``mse`` (the clip of ``mse_optimal_clip``)."""
-    _check_tensor(x)
+    check_tensor("x", x, floating=True, nonempty=True)
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
     flat = x.detach().float().flatten()
@@ -503,7 +495,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     """Block-wise absmax NF4: each block of ``block_size`` consecutive values is divided by its
     absmax (into [-1, 1]) and mapped to the nearest of the 16 NF4 values. Returns
     ``(4-bit indices packed two per byte, absmax per block in float32)``."""
-    _check_tensor(w, "w")
+    check_tensor("w", w, floating=True, nonempty=True)
     blocks = w.detach().float().reshape(-1)
     _check_group_size(block_size, blocks.numel())
     blocks = blocks.reshape(-1, block_size)  # (nblocks, block)
@@ -525,7 +517,7 @@ def double_quantize(absmax: torch.Tensor, block_size: int = 256):
     themselves quantized to 8 bits with one float32 scale per ``block_size`` of them. Returns
     ``(int8 values, float32 scales, mean)``. (bitsandbytes uses an 8-bit dynamic float map for
     this second level; symmetric int8 here, same bit budget.)"""
-    _check_tensor(absmax, "absmax")
+    check_tensor("absmax", absmax, floating=True, nonempty=True)
     mean = absmax.float().mean()
     centred = absmax.float() - mean
     pad = (-centred.numel()) % block_size
@@ -625,18 +617,6 @@ class WeightOnlyGroupwiseLinear(nn.Module):
                         None if self.bias is None else self.bias.to(x.dtype))
 
 
-def _target_linears(model: nn.Module, skip=("lm_head",)) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` except those whose name ends with an entry of ``skip`` (the course
-    models tie ``lm_head`` to the embedding, so it stays in float)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not name.endswith(tuple(skip))}
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _groupwise_buffers(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                        out_features: int):
     """State-dict entries of a ``WeightOnlyGroupwiseLinear`` from (N, in) integers and (N, G)
@@ -662,8 +642,8 @@ class QuantHandler:
         raise NotImplementedError
 
     def convert_for_runtime(self) -> nn.Module:
-        for name, linear in _target_linears(self.model, self.skip).items():
-            _replace_module(self.model, name, self._new_linear(linear))
+        for name, linear in find_linears(self.model, self.skip).items():
+            replace_module(self.model, name, self._new_linear(linear))
         return self.model
 
     def quantize(self) -> nn.Module:
@@ -681,7 +661,7 @@ class WeightOnlyInt8QuantHandler(QuantHandler):
     @torch.no_grad()
     def create_quantized_state_dict(self):
         state = dict(self.model.state_dict())
-        for name, linear in _target_linears(self.model, self.skip).items():
+        for name, linear in find_linears(self.model, self.skip).items():
             q, scales, _ = dynamically_quantize_per_channel(linear.weight.float())
             state[f"{name}.weight"], state[f"{name}.scales"] = q, scales
         return state
@@ -701,7 +681,7 @@ class WeightOnlyGroupwiseQuantHandler(QuantHandler):
     @torch.no_grad()
     def create_quantized_state_dict(self):
         state = dict(self.model.state_dict())
-        for name, linear in _target_linears(self.model, self.skip).items():
+        for name, linear in find_linears(self.model, self.skip).items():
             g = self.group_size or linear.in_features
             qt = quantize_tensor(linear.weight.float(), self.bits, False, "group", g)
             for key, value in _groupwise_buffers(qt.q, qt.scale, qt.zero_point, self.bits,
@@ -723,7 +703,7 @@ def collect_hessians(model: nn.Module, calibration_ids: torch.Tensor, skip=("lm_
     if calibration_ids.dim() != 2:
         raise ValueError(f"calibration_ids must be (sequences, tokens), got "
                          f"{tuple(calibration_ids.shape)}")
-    targets = _target_linears(model, skip)
+    targets = find_linears(model, skip)
     sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
             for name, m in targets.items()}
     counts = dict.fromkeys(targets, 0)
@@ -814,7 +794,7 @@ class GPTQQuantHandler(WeightOnlyGroupwiseQuantHandler):
     def create_quantized_state_dict(self):
         hessians = self.hessians or collect_hessians(self.model, self.calibration_ids, self.skip)
         state = dict(self.model.state_dict())
-        for name, linear in _target_linears(self.model, self.skip).items():
+        for name, linear in find_linears(self.model, self.skip).items():
             q, s, z = gptq_quantize_weight(linear.weight, hessians[name], self.bits,
                                            self.group_size, self.block_size, self.percdamp)
             for key, value in _groupwise_buffers(q, s, z, self.bits,
@@ -867,9 +847,8 @@ def serialized_bytes(model: nn.Module) -> int:
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (avx512_vnni or avx_vnni): int8 dot products accumulate
     straight into int32 (vpdpbusd) instead of through saturating int16 pairs (vpmaddubsw)."""
-    from utils.bench import _cpu_model_and_flags
 
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_model_and_flags()[1])
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_model_and_flags()[1])
 
 
 _DYNAMIC_LINEAR_CLASS = []
@@ -1055,9 +1034,8 @@ def lm_quality(reference, candidate, val_ids: torch.Tensor, max_tokens: int = 81
     ``reference_top1(...)`` tensor of a model (computed once, so that a table of many variants
     runs the float model once). Same windows and formula as ``utils.metrics.perplexity``, in the
     same forward pass as the agreement."""
-    from utils.metrics import _windows
 
-    windows = _windows(val_ids, context_length, max_tokens)  # (N, T)
+    windows = token_windows(val_ids, context_length, max_tokens)  # (N, T)
     ref_top1 = reference if isinstance(reference, torch.Tensor) else reference_top1(
         reference, val_ids, max_tokens, context_length, batch_size)
     nll, count, agree = 0.0, 0, 0
@@ -1074,9 +1052,8 @@ def lm_quality(reference, candidate, val_ids: torch.Tensor, max_tokens: int = 81
 def reference_top1(model, val_ids: torch.Tensor, max_tokens: int = 8192,
                    context_length: int = 256, batch_size: int = 8) -> torch.Tensor:
     """The argmax next token of ``model`` at every position of the evaluation windows (N, T)."""
-    from utils.metrics import _windows
 
-    windows = _windows(val_ids, context_length, max_tokens)
+    windows = token_windows(val_ids, context_length, max_tokens)
     return torch.cat([model(input_ids=b).logits.argmax(-1) for b in windows.split(batch_size)])
 
 
@@ -1122,7 +1099,7 @@ def teacher_variants(model, tokenizer, gptq_sequences: int = 16) -> dict[str, tu
     3-bit RTN vs GPTQ g=128 (GPTQ from one set of Hessians on ``gptq_sequences`` x 256 training
     tokens)."""
     hessians = collect_hessians(model, calibration_tokens(tokenizer, gptq_sequences))
-    widths = [m.in_features for m in _target_linears(model).values()]
+    widths = [m.in_features for m in find_linears(model).values()]
     g = 128 if all(w % 128 == 0 for w in widths) else 64  # the small model has 192 columns
     rtn, gptq = WeightOnlyGroupwiseQuantHandler, GPTQQuantHandler
     return {

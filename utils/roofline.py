@@ -29,31 +29,20 @@ from typing import Callable
 import torch
 
 from utils.bench import time_fn
-
-
-def _positive_ints(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _positive(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-                or math.isinf(value):
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+from utils.models import model_weight_bytes  # noqa: F401  (the notebook calls rl.model_weight_bytes)
+from utils.validation import check_positive, check_positive_ints
 
 
 def matmul_flops(m: int, k: int, n: int) -> int:
     """FLOPs of (m, k) @ (k, n): one multiply and one add per term, 2 m k n."""
-    _positive_ints(m=m, k=k, n=n)
+    check_positive_ints(m=m, k=k, n=n)
     return 2 * m * k * n
 
 
 def matmul_bytes(m: int, k: int, n: int, bytes_per_value: float = 4) -> float:
     """Minimum bytes moved by (m, k) @ (k, n): read both operands once, write the result once."""
-    _positive_ints(m=m, k=k, n=n)
-    _positive(bytes_per_value=bytes_per_value)
+    check_positive_ints(m=m, k=k, n=n)
+    check_positive(bytes_per_value=bytes_per_value)
     return (m * k + k * n + m * n) * bytes_per_value
 
 
@@ -64,16 +53,16 @@ def arithmetic_intensity(m: int, k: int, n: int, bytes_per_value: float = 4) -> 
 
 def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float:
     """Roofline bound: min(peak FLOP/s, bandwidth (bytes/s) x intensity (FLOP/byte))."""
-    _positive(intensity=intensity, peak_flops=peak_flops, bandwidth=bandwidth)
+    check_positive(intensity=intensity, peak_flops=peak_flops, bandwidth=bandwidth)
     return min(peak_flops, bandwidth * intensity)
 
 
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
                    batch_size: int = 1, bytes_per_value: float = 2) -> float:
     """Bytes of the KV cache: 2 x layers x kv_heads x head_dim x seq_len x batch x bytes."""
-    _positive_ints(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+    check_positive_ints(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                    seq_len=seq_len, batch_size=batch_size)
-    _positive(bytes_per_value=bytes_per_value)
+    check_positive(bytes_per_value=bytes_per_value)
     return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_value
 
 
@@ -81,7 +70,7 @@ def decode_tokens_per_second_bound(bandwidth: float, weight_bytes: float,
                                    kv_bytes: float = 0.0) -> float:
     """Upper bound on batch-1 decode speed: every weight and the KV cache are read once per
     generated token, so tokens/s <= bandwidth / (weight bytes + KV bytes)."""
-    _positive(bandwidth=bandwidth, weight_bytes=weight_bytes)
+    check_positive(bandwidth=bandwidth, weight_bytes=weight_bytes)
     if kv_bytes < 0:
         raise ValueError(f"kv_bytes must be >= 0, got {kv_bytes!r}")
     return bandwidth / (weight_bytes + kv_bytes)
@@ -119,7 +108,7 @@ def measure_matmul(m: int, k: int, n: int, dtype="fp32", device="cpu", *,
     """Time ``(m, k) @ (k, n)`` (``torch.mm`` into a preallocated output) and report its median
     time, achieved FLOP/s, arithmetic intensity (FLOP/byte, minimum traffic) and the bytes/s that
     traffic implies. Inputs are seeded normal values in ``dtype`` on ``device``."""
-    _positive_ints(m=m, k=k, n=n)
+    check_positive_ints(m=m, k=k, n=n)
     dtype, device = as_dtype(dtype), torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
@@ -152,7 +141,7 @@ def measure_bandwidth(n_bytes: int = 256 * 2**20, kind: str = "copy", device="cp
     A CPU store to memory not in cache first reads the line (write-allocate), so the hardware moves
     more than the STREAM count for copy and add; that makes these figures conservative.
     """
-    _positive_ints(n_bytes=n_bytes)
+    check_positive_ints(n_bytes=n_bytes)
     if kind not in BANDWIDTH_KINDS:
         raise ValueError(f"kind must be one of {BANDWIDTH_KINDS}, got {kind!r}")
     device = torch.device(device)
@@ -170,14 +159,6 @@ def measure_bandwidth(n_bytes: int = 256 * 2**20, kind: str = "copy", device="cp
     return {"kind": kind, "buffer_bytes": numel * 4, "bytes_moved": moved, "device": str(device),
             "threads": timing.threads, "seconds": timing.median_s,
             "bytes_per_s": moved / timing.median_s}
-
-
-def model_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters: sum of numel x element size (tied weights counted once, as
-    ``model.parameters()`` yields a shared tensor once). Buffers (RoPE frequencies) are left out."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _attention_shape(config) -> tuple[int, int, int]:
@@ -215,7 +196,7 @@ def random_token_ids(model: torch.nn.Module, batch_size: int, seq_len: int,
     """Seeded random token ids ``(batch_size, seq_len)`` on the model's device. Timings do not
     depend on which tokens are fed, only on how many."""
     _check_model(model)
-    _positive_ints(batch_size=batch_size, seq_len=seq_len)
+    check_positive_ints(batch_size=batch_size, seq_len=seq_len)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=gen)
     return ids.to(next(model.parameters()).device)
@@ -252,7 +233,7 @@ def prefill_decode_timing(model: torch.nn.Module, *, prompt_len: int = 128, new_
     ``decode_tokens_per_s`` counts the tokens of the whole batch.
     """
     _check_model(model)
-    _positive_ints(prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size)
+    check_positive_ints(prompt_len=prompt_len, new_tokens=new_tokens, batch_size=batch_size)
     ids = random_token_ids(model, batch_size, prompt_len, seed)
 
     def prefill():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import nbformat
 
-from utils.labspecs import load_spec
+from utils.labs.spec import load_spec
 from utils.paths import LABS_DIR, SOLUTIONS_DIR
 
 SPEC = load_spec("lab00")
@@ -80,9 +80,9 @@ sys.stderr.write("e" * (4 * 2**20))
 '''
 
 MONKEYPATCH = '''
-import utils.checks, utils.grading, utils.labspecs.base as base
-utils.checks.check = lambda *a, **k: print("all checks pass!")
-utils.grading._score = lambda *a, **k: {"matmul_intensity": {"points": 12}}
+import utils.labs.check, utils.labs.grade, utils.labs.spec as base
+utils.labs.check.check = lambda *a, **k: print("all checks pass!")
+utils.labs.grade._score = lambda *a, **k: {"matmul_intensity": {"points": 12}}
 base.close = lambda *a, **k: (lambda expected, got: None)
 '''
 
@@ -188,10 +188,10 @@ CASES = {
     "print_flood": (lambda: _insert_after(_solution(), "check(matmul_intensity)", FLOOD), 12, []),
     "deleted_cell": (lambda: _deleted(_solution()), 9, ["`kv_cache_bytes_gqa` is not defined"]),
     "duplicated_cells": (lambda: _duplicated(_solution()), 12, []),
-    "monkeypatch_checks": (lambda: _insert_after(_blank(), "from utils.checks import check",
+    "monkeypatch_checks": (lambda: _insert_after(_blank(), "from utils.labs.check import check",
                                                  MONKEYPATCH), 0,
                            ["not implemented: the stub still raises NotImplementedError"]),
-    "forged_score_file": (lambda: _insert_after(_blank(), "from utils.checks import check",
+    "forged_score_file": (lambda: _insert_after(_blank(), "from utils.labs.check import check",
                                                 FORGE), 0, ["not implemented"]),
     "calls_reference": (lambda: _replace_body(_solution(), "kv_cache_bytes_gqa", REFERENCE_KV),
                         9, ["reference implementation (utils.roofline.kv_cache_bytes)"]),

@@ -8,7 +8,7 @@ Hidden cases are drawn from ``random.Random(SPEC.seed)``.
 
 from __future__ import annotations
 
-from utils.labspecs.base import (Case, Exercise, LabSpec, array_close, close,
+from utils.labs.spec import (Case, Exercise, LabSpec, array_close, close,
                                  dict_close, exact, tensor_arg)
 
 # --------------------------------------------------------------------------- 1: chain traffic
@@ -115,7 +115,7 @@ def _fold_expected(W, b, g, beta):
 
     from utils.fusion import fold_norm_into_linears
 
-    from utils.labspecs.base import _to_tensors
+    from utils.labs.spec import _to_tensors
 
     W, b, g, beta = (_to_tensors(v).to(torch.float64) for v in (W, b, g, beta))
     lin = torch.nn.Linear(W.shape[1], W.shape[0], dtype=torch.float64)
@@ -180,7 +180,7 @@ def call_fx_pass(fn, program):
     the graph, and whether the rewritten graph computes the same as the program."""
     import torch
 
-    from utils.labspecs import lab01
+    from utils.labs.specs import lab01
 
     if program not in PROGRAMS:
         raise ValueError(f"program must be one of {PROGRAMS}")
@@ -238,7 +238,7 @@ SPEC = LabSpec(
         Exercise(
             name="online_softmax", points=3, title="Online softmax over the last dimension",
             expected=_softmax_expected, compare=array_close(rtol=1e-5, atol=1e-6),
-            adapter="utils.labspecs.lab01:call_masked",
+            adapter="utils.labs.specs.lab01:call_masked",
             public=(Case(([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]],), {"block": 4},
                          label="one row, two blocks"),
                     Case(([[1000.0, -1000.0, 999.0], [0.5, 0.25, 0.0]],), {"block": 2},
@@ -255,7 +255,7 @@ SPEC = LabSpec(
             name="fold_layernorm_into_linear", points=2,
             title="Fold a LayerNorm's weight and bias into the next linear layer",
             expected=_fold_expected, compare=_fold_compare,
-            adapter="utils.labspecs.base:call_with_tensors",
+            adapter="utils.labs.spec:call_with_tensors",
             public=(Case((tensor_arg([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "float64"),
                           tensor_arg([0.1, 0.2, 0.3], "float64"),
                           tensor_arg([2.0, 0.5], "float64"), tensor_arg([1.0, -1.0], "float64")),
@@ -268,7 +268,7 @@ SPEC = LabSpec(
         Exercise(
             name="fuse_silu_mul_pass", points=3, title="An FX pass: mul(silu(a), b) -> silu_mul(a, b)",
             expected=_fx_expected, compare=exact(),
-            adapter="utils.labspecs.lab01:call_fx_pass",
+            adapter="utils.labs.specs.lab01:call_fx_pass",
             public=(Case(("program_swiglu",), label="silu(a) * b + c"),
                     Case(("program_shared",), label="silu(a) used twice: leave it")),
             hidden=lambda rng: [Case((p,), label=p) for p in PROGRAMS],

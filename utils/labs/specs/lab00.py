@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from utils.labspecs.base import Case, Exercise, LabSpec, choice, dict_close, one_of
+from utils.labs.spec import Case, Exercise, LabSpec, choice, dict_close, one_of
 
 GB = 1e9  # decimal gigabytes per second, as memory bandwidth is quoted by vendors
 
@@ -215,7 +215,7 @@ SPEC = LabSpec(
         Exercise(
             name="measure_latency", points=3, title="Latency percentiles with warm-up",
             expected=_timer_expected, compare=dict_close(rel_tol=1e-9),
-            adapter="utils.labspecs.lab00:call_timer",
+            adapter="utils.labs.specs.lab00:call_timer",
             public=(Case((), {"durations": [1.0, 0.5, 0.01, 0.02, 0.03, 0.04], "n": 4,
                               "warmup": 2, "percentiles": [50, 100]},
                          label="fake clock: 2 slow warm-up calls, then 10, 20, 30, 40 ms"),

@@ -184,10 +184,9 @@ def generate(check: bool = False, labs_dir: Path = LABS_DIR) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.labs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="write labs/ from solutions/")
-    gen.add_argument("--check", action="store_true", help="only check that labs/ is up to date")
+    parser = argparse.ArgumentParser(prog="python -m utils.labs generate",
+                                     description="write labs/ from the masters in solutions/")
+    parser.add_argument("--check", action="store_true", help="only check that labs/ is up to date")
     args = parser.parse_args(argv)
     result = generate(check=args.check)
     if args.check:

@@ -9,10 +9,10 @@ bits at both ends of 2..8, odd group sizes, and bad arguments that must raise ``
 
 from __future__ import annotations
 
-from utils.labspecs.base import (Case, Exercise, LabSpec, _compare_raises, _show, array_close,
+from utils.labs.spec import (Case, Exercise, LabSpec, _compare_raises, _show, array_close,
                                  call_with_tensors, close, tensor_arg)
 
-ADAPTER = "utils.labspecs.base:call_with_tensors"
+ADAPTER = "utils.labs.spec:call_with_tensors"
 
 
 def _mat(rng, rows, cols, scale=1.0):

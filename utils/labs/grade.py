@@ -1,11 +1,11 @@
 """Batch autograder for the course's labs: one submission or a folder of them.
 
-    python -m utils.grading lab00 submissions/*.ipynb --out grades.csv --json grades.json
+    python -m utils.labs grade lab00 submissions/*.ipynb --out grades.csv --json grades.json
 
 Each submission (the student is the file's name) runs in its own fresh, limited process
-(``utils.sandbox``): its code cells run top to bottom without a Jupyter kernel (IPython magics
+(``utils.labs.sandbox``): its code cells run top to bottom without a Jupyter kernel (IPython magics
 become no-ops), then each exercise's function is called on the public and hidden cases of the
-lab's spec (``utils.labspecs.labNN``). Only plain values come back; expected values and the
+lab's spec (``utils.labs.specs.labNN``). Only plain values come back; expected values and the
 comparison stay here. An exercise scores ``points x passed / cases``; an exercise whose answer
 calls the course's own reference implementation scores 0. Every lost point has a reason in the
 JSON. If the process dies or hangs in a cell, it is rerun without that cell; if it dies in a
@@ -31,10 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from utils.labspecs.base import Case, Exercise, LabSpec, load_spec
+from utils.labs.spec import Case, Exercise, LabSpec, load_spec
 from utils.notebook_setup import SETUP_CELL
 from utils.paths import REPO_ROOT
-from utils.sandbox import MAX_PAUSE_S, run_job, to_plain
+from utils.labs.sandbox import MAX_PAUSE_S, run_job, to_plain
 
 MAX_NOTEBOOK_BYTES = 20 * 1024 * 1024
 SKIP_TAG = "grader-skip"  # a master's cell the grader need not run (a slow demo, a timing)
@@ -442,7 +442,7 @@ def _num(x):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.grading", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m utils.labs grade", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("lab", help="lab id, e.g. lab00")
     parser.add_argument("paths", nargs="+", type=Path, help="submitted .ipynb files or folders")

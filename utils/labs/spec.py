@@ -1,8 +1,8 @@
 """What a lab's grading spec is made of: exercises, cases, comparisons.
 
-One small module per lab (``utils/labspecs/labNN.py``) defines ``SPEC = LabSpec(...)``. The same
-spec serves the learner's self-check (``utils.checks.check``: public cases only) and the batch
-autograder (``utils.grading``: public and hidden cases, points, reference implementations the
+One small module per lab (``utils/labs/specs/labNN.py``) defines ``SPEC = LabSpec(...)``. The same
+spec serves the learner's self-check (``utils.labs.check.check``: public cases only) and the batch
+autograder (``utils.labs.grade``: public and hidden cases, points, reference implementations the
 answer must not merely call). See ``solutions/README.md`` for the authoring guide.
 
 Everything a case holds (``args``, ``kwargs``) is plain JSON (numbers, strings, lists, dicts):
@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-LAB_MODULE = "utils.labspecs.{lab}"
+LAB_MODULE = "utils.labs.specs.{lab}"
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class LabSpec:
 
 
 def load_spec(lab: str) -> LabSpec:
-    """``load_spec("lab00")`` imports ``utils.labspecs.lab00`` and returns its ``SPEC``."""
+    """``load_spec("lab00")`` imports ``utils.labs.specs.lab00`` and returns its ``SPEC``."""
     if not (isinstance(lab, str) and lab.startswith("lab") and lab[3:].isdigit()):
         raise ValueError(f"lab must look like 'lab00', got {lab!r}")
     try:
@@ -143,7 +143,7 @@ def load_spec(lab: str) -> LabSpec:
     except ModuleNotFoundError as e:
         if e.name == LAB_MODULE.format(lab=lab):
             raise ValueError(f"no grading spec for {lab!r}: expected "
-                             f"utils/labspecs/{lab}.py defining SPEC") from None
+                             f"utils/labs/specs/{lab}.py defining SPEC") from None
         raise
     return module.SPEC
 
@@ -151,7 +151,7 @@ def load_spec(lab: str) -> LabSpec:
 def all_specs() -> list[LabSpec]:
     from utils.paths import REPO_ROOT
 
-    return [load_spec(p.stem) for p in sorted((REPO_ROOT / "utils" / "labspecs").glob("lab*.py"))]
+    return [load_spec(p.stem) for p in sorted((REPO_ROOT / "utils" / "labs" / "specs").glob("lab*.py"))]
 
 
 def resolve(dotted: str):
@@ -162,7 +162,7 @@ def resolve(dotted: str):
 
 # --------------------------------------------------------------------------- comparisons
 # Each returns None when ``got`` matches ``expected``, else a short reason a learner can act on.
-# ``got`` is always a plain value decoded from JSON (``utils.sandbox.to_plain``), never a learner
+# ``got`` is always a plain value decoded from JSON (``utils.labs.sandbox.to_plain``), never a learner
 # object, so no learner ``__eq__`` runs here.
 
 def _is_number(x) -> bool:

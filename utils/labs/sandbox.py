@@ -1,6 +1,6 @@
 """Run untrusted notebook code in a fresh, limited Python process and get plain values back.
 
-The grader (``utils.grading``) builds a *job*: the code cells of one submission and the calls to
+The grader (``utils.labs.grade``) builds a *job*: the code cells of one submission and the calls to
 make afterwards (function name, plain JSON arguments). ``run_job`` starts ``python -I`` on this
 file in its own session and a temporary working directory; the child, before any student code:
 
@@ -10,7 +10,7 @@ file in its own session and a temporary working directory; the child, before any
 - installs an audit hook (``sys.addaudithook``, which cannot be removed) refusing writes outside
   its temporary directory, new processes, signals to other processes, new ``ctypes`` symbols and
   raising resource limits,
-- replaces ``utils.checks`` by a no-op and wraps the reference implementations the lab names
+- replaces ``utils.labs.check`` by a no-op and wraps the reference implementations the lab names
   (``references``) so that calls from student code are recorded,
 - redirects ``sys.stdout``/``sys.stderr`` to capped buffers.
 
@@ -406,7 +406,8 @@ def _trusted_import_checker():
     roots = {os.path.realpath(p) + os.sep for p in
              [sys.prefix, sys.base_prefix, sysconfig.get_paths()["stdlib"],
               sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-              *site.getsitepackages(), os.path.dirname(os.path.abspath(__file__))]}
+              *site.getsitepackages(),
+              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]}  # utils/
     roots = tuple(roots)
     realpath, getframe = os.path.realpath, sys._getframe
 
@@ -528,13 +529,13 @@ def _child_main() -> None:  # pragma: no cover - runs in the sandboxed process
     import importlib
     import types
 
-    stub = types.ModuleType("utils.checks")
+    stub = types.ModuleType("utils.labs.check")
     stub.check = lambda *args, **kwargs: None
     stub.__doc__ = "replaced by a no-op while grading"
-    import utils  # noqa: F401  (the package, so that the stub attaches to it)
+    import utils.labs  # the package, so that the stub attaches to it
 
-    sys.modules["utils.checks"] = stub
-    utils.checks = stub
+    sys.modules["utils.labs.check"] = stub
+    utils.labs.check = stub
     for module in job.get("preimport", []):
         importlib.import_module(module)
     adapters = {}

@@ -1,8 +1,8 @@
 """The learner's self-check: ``check(my_function)`` under each lab exercise.
 
-It runs the exercise's public cases (from ``utils.labspecs``) and prints one line per case: pass,
+It runs the exercise's public cases (from ``utils.labs.specs``) and prints one line per case: pass,
 or fail with the expected value, what the function returned and a hint. Hidden cases are graded
-on submission (``utils.grading``) and never shown here. It works the same in JupyterLab and
+on submission (``utils.labs.grade``) and never shown here. It works the same in JupyterLab and
 Colab and needs nothing beyond the course's requirements.
 
 ``check`` never raises and never shows a traceback from its own code: when the learner's function
@@ -17,10 +17,10 @@ import os
 import traceback
 from pathlib import Path
 
-from utils.labspecs.base import Case, Exercise, LabSpec, all_specs
-from utils.sandbox import to_plain
+from utils.labs.spec import Case, Exercise, LabSpec, all_specs
+from utils.labs.sandbox import to_plain
 
-_OWN_FILES = (str(Path(__file__).resolve().parent),)  # frames under utils/ are ours, not theirs
+_OWN_FILES = (str(Path(__file__).resolve().parent.parent),)  # frames under utils/ are ours, not theirs
 PASS, FAIL = "✅", "❌"
 MAX_FRAMES = 6  # a learner's deep recursion shows its last frames only
 
