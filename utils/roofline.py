@@ -28,9 +28,11 @@ from typing import Callable
 
 import torch
 
-from utils.bench import time_fn
+from utils.bench import BANDWIDTH_KINDS, measure_bandwidth, time_fn  # noqa: F401  (rl.measure_bandwidth)
 from utils.models import model_weight_bytes  # noqa: F401  (the notebook calls rl.model_weight_bytes)
 from utils.validation import check_positive, check_positive_ints
+
+CHAPTER = "00"  # found by utils.report; notebooks/00_*.ipynb, solutions/lab00_*.ipynb
 
 
 def matmul_flops(m: int, k: int, n: int) -> int:
@@ -80,7 +82,6 @@ def decode_tokens_per_second_bound(bandwidth: float, weight_bytes: float,
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-BANDWIDTH_KINDS = ("copy", "read", "add")
 
 
 def as_dtype(dtype) -> torch.dtype:
@@ -129,36 +130,6 @@ def peak_matmul_flops(dtype="fp32", size: int = 1024, device="cpu", *,
     """Measured FLOP/s of a square ``size`` matmul: the compute roof of the roofline for ``dtype``
     (a lower bound on the hardware peak; it is what this library reaches on this machine)."""
     return measure_matmul(size, size, size, dtype, device, min_run_time=min_run_time)["flop_per_s"]
-
-
-def measure_bandwidth(n_bytes: int = 256 * 2**20, kind: str = "copy", device="cpu", *,
-                      min_run_time: float = 0.3) -> dict:
-    """Memory bandwidth (bytes/s) of a streaming kernel over fp32 buffers of ``n_bytes`` each,
-    chosen far larger than the last-level cache so the data comes from DRAM (or GPU HBM).
-
-    ``kind``: ``'copy'`` (dst <- src, counts n read + n written, the STREAM convention),
-    ``'read'`` (a sum, counts n read) or ``'add'`` (c <- a + b, counts 2n read + n written).
-    A CPU store to memory not in cache first reads the line (write-allocate), so the hardware moves
-    more than the STREAM count for copy and add; that makes these figures conservative.
-    """
-    check_positive_ints(n_bytes=n_bytes)
-    if kind not in BANDWIDTH_KINDS:
-        raise ValueError(f"kind must be one of {BANDWIDTH_KINDS}, got {kind!r}")
-    device = torch.device(device)
-    numel = max(1, n_bytes // 4)
-    a = torch.empty(numel, device=device).fill_(1.0)  # fill touches every page before timing
-    b = torch.empty(numel, device=device).fill_(2.0)
-    if kind == "copy":
-        fn, moved = (lambda: b.copy_(a)), 2 * numel * 4
-    elif kind == "read":
-        fn, moved = (lambda: a.sum()), numel * 4
-    else:
-        c = torch.empty(numel, device=device).fill_(0.0)
-        fn, moved = (lambda: torch.add(a, b, out=c)), 3 * numel * 4
-    timing = time_fn(fn, label=f"bandwidth {kind}", min_run_time=min_run_time)
-    return {"kind": kind, "buffer_bytes": numel * 4, "bytes_moved": moved, "device": str(device),
-            "threads": timing.threads, "seconds": timing.median_s,
-            "bytes_per_s": moved / timing.median_s}
 
 
 def _attention_shape(config) -> tuple[int, int, int]:
@@ -317,15 +288,18 @@ def tensor_memory_bytes(fn: Callable[[], object], device="cpu") -> dict:
 
 # --------------------------------------------------------------------------- report
 
-def report_rows(model_name: str = "teacher", *, prompt_len: int = 128, new_tokens: int = 32,
-                min_run_time: float = 0.3) -> list[dict]:
+def report_rows(quick: bool = False) -> list[dict]:
     """Chapter 00's headline measurements (``python -m utils.report 00``), about 10-20 s on 2
-    CPU cores: matmul GFLOP/s in fp32 and bf16, copy bandwidth, the course model's prefill and
-    decode time per token, the predicted vs measured batch-1 decode speed and the KV cache by
-    formula vs measured."""
+    CPU cores: matmul GFLOP/s in fp32 and bf16 (labelled emulated where the CPU has no bf16 dot
+    products), copy bandwidth, the course model's prefill and decode time per token, the
+    predicted vs measured batch-1 decode speed and the KV cache by formula vs measured.
+    ``quick``: the small model and short timings (a smoke test of the code path)."""
+    from utils.bench import cpu_capabilities
     from utils.device import pick_device
     from utils.models import load_course_model
 
+    model_name, prompt_len, new_tokens = ("small", 32, 8) if quick else ("teacher", 128, 32)
+    min_run_time = 0.05 if quick else 0.3
     device = pick_device()
     threads = torch.get_num_threads()
     where = f"{device.type}, {threads} threads"
@@ -335,13 +309,17 @@ def report_rows(model_name: str = "teacher", *, prompt_len: int = 128, new_token
         rows.append({"measurement": measurement, "value": float(value), "unit": unit,
                      "conditions": conditions})
 
-    size = 1024
+    native_bf16 = device.type != "cpu" or cpu_capabilities()["native_bf16"]
     for dtype in ("fp32", "bf16"):
+        emulated = dtype == "bf16" and not native_bf16
+        size = 256 if quick or emulated else 1024  # emulated bf16 runs ~100x slower: keep it short
         flops = peak_matmul_flops(dtype, size, device, min_run_time=min_run_time)
-        add(f"matmul {dtype}", flops / 1e9, "GFLOP/s", f"{size}x{size}x{size}, {where}")
-    bw = measure_bandwidth(256 * 2**20, "copy", device, min_run_time=min_run_time)
+        add(f"matmul {dtype}{' (emulated: no bf16 dot products)' if emulated else ''}, "
+            "achieved by torch.matmul", flops / 1e9, "GFLOP/s", f"{size}x{size}x{size}, {where}")
+    mib = 16 if quick else 256
+    bw = measure_bandwidth(mib * 2**20, "copy", device, min_run_time=min_run_time)
     add("memory bandwidth (copy)", bw["bytes_per_s"] / 1e9, "GB/s",
-        f"2 x 256 MiB fp32 buffers, {where}")
+        f"2 x {mib} MiB fp32 buffers, {where}")
 
     model, _ = load_course_model(model_name, device=device)
     cond = f"{model_name} fp32, batch 1, prompt {prompt_len}, {where}"
