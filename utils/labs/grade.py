@@ -2,14 +2,17 @@
 
     python -m utils.labs grade lab00 submissions/*.ipynb --out grades.csv --json grades.json
 
-Each submission (the student is the file's name) runs in its own fresh, limited process
-(``utils.labs.sandbox``): its code cells run top to bottom without a Jupyter kernel (IPython magics
+Each submission (the student is the file's name) runs in its own OS sandbox (bubblewrap:
+``utils.labs.sandbox``): its code cells run top to bottom without a Jupyter kernel (IPython magics
 become no-ops), then each exercise's function is called on the public and hidden cases of the
 lab's spec (``utils.labs.specs.labNN``). Only plain values come back; expected values and the
 comparison stay here. An exercise scores ``points x passed / cases``; an exercise whose answer
 calls the course's own reference implementation scores 0. Every lost point has a reason in the
 JSON. If the process dies or hangs in a cell, it is rerun without that cell; if it dies in a
 call, it is rerun for the calls after it, so one broken thing costs only what it broke.
+
+Without bubblewrap the grader refuses to run, unless ``--trusted`` says the notebooks are trusted
+(a learner grading their own work).
 
 Private cases (not in the repository): ``--private cases.py``, a Python file defining
 ``CASES = {"exercise_name": [Case(...), ...]}`` (added to the hidden cases) and optionally
@@ -21,22 +24,30 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import io
 import json
 import os
 import random
+import re
 import runpy
 import sys
+import tempfile
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from utils.labs.sandbox import SandboxUnavailable, require_sandbox, run_job, to_plain
+from utils.labs.sandbox_child import REFERENCE_ERROR
 from utils.labs.spec import Case, Exercise, LabSpec, load_spec
 from utils.notebook_setup import SETUP_CELL
 from utils.paths import REPO_ROOT
-from utils.labs.sandbox import MAX_PAUSE_S, run_job, to_plain
 
 MAX_NOTEBOOK_BYTES = 20 * 1024 * 1024
+MAX_CODE_CELLS = 400        # cells run per submission (a real lab has a few dozen)
+MAX_SCAN_CHARS = 400_000    # code the static reference scan reads (the runtime check remains)
+MAX_NOTES = 20              # notes kept per submission (then a count of the rest)
 SKIP_TAG = "grader-skip"  # a master's cell the grader need not run (a slow demo, a timing)
 MAX_RERUNS = 6  # reruns that skip a cell or a function that killed the process
 
@@ -47,12 +58,28 @@ class GradingError(RuntimeError):
 
 # --------------------------------------------------------------------------- reading notebooks
 
-def read_code_cells(path: str | Path) -> list[str]:
-    """The code cells' sources of a notebook file, read as plain JSON; ``ValueError`` with the
-    reason when the file is not a usable notebook."""
+@dataclass(frozen=True)
+class NotebookCell:
+    number: int          # position in the notebook, counting every cell from 1 (as seen)
+    execution_count: int | None
+    source: str
+
+    @property
+    def label(self) -> str:
+        """How the learner finds the cell: ``cell 7 (In [3])``."""
+        count = f" (In [{self.execution_count}])" if self.execution_count else ""
+        return f"cell {self.number}{count}"
+
+
+def read_cells(path: str | Path) -> list[NotebookCell]:
+    """The code cells of a notebook file, read as plain JSON, numbered as in the notebook;
+    ``ValueError`` with the reason when the file is not a usable notebook. Cells tagged
+    ``grader-skip`` come back empty."""
     path = Path(path)
     try:
         size = path.stat().st_size
+        if not path.is_file():
+            raise ValueError("cannot read the file: not a regular file")
     except OSError as e:
         raise ValueError(f"cannot read the file: {e.strerror}") from None
     if size > MAX_NOTEBOOK_BYTES:
@@ -62,38 +89,47 @@ def read_code_cells(path: str | Path) -> list[str]:
         nb = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise ValueError("not a notebook: the file is not UTF-8 text") from None
-    except (ValueError, RecursionError) as e:
+    except (ValueError, RecursionError, MemoryError) as e:
         raise ValueError(f"not a valid notebook: the JSON is malformed or truncated ({e})"[:300]) \
             from None
+    except OSError as e:
+        raise ValueError(f"cannot read the file: {e.strerror}") from None
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise ValueError("not a notebook: no list of cells at the top level")
-    sources = []
-    for cell in nb["cells"]:
+    cells = []
+    for number, cell in enumerate(nb["cells"], 1):
         if not isinstance(cell, dict) or cell.get("cell_type") != "code":
             continue
         metadata = cell.get("metadata")
         tags = metadata.get("tags") if isinstance(metadata, dict) else None
+        count = cell.get("execution_count")
+        count = count if type(count) is int else None
         if isinstance(tags, list) and SKIP_TAG in tags:
-            sources.append("")  # keeps the numbering of code cells in the notes
+            cells.append(NotebookCell(number, count, ""))
             continue
         source = cell.get("source", "")
         if isinstance(source, list) and all(isinstance(s, str) for s in source):
             source = "".join(source)
         if not isinstance(source, str):
-            raise ValueError("not a valid notebook: a code cell's source is not text")
-        sources.append(source)
-    return sources
+            raise ValueError(f"not a valid notebook: cell {number}'s source is not text")
+        cells.append(NotebookCell(number, count, source))
+    return cells
 
 
-def to_python(source: str) -> str:
-    """IPython syntax (``%magic``, ``!shell``, ``%%cell``) turned into plain Python calling
-    ``get_ipython()``, which the sandbox provides as a no-op."""
-    try:
-        from IPython.core.inputtransformer2 import TransformerManager
+def read_code_cells(path: str | Path) -> list[str]:
+    """The code cells' sources (``read_cells`` without the numbering)."""
+    return [c.source for c in read_cells(path)]
 
-        return TransformerManager().transform_cell(source)
-    except Exception:  # an odd cell: hand it over as it is, the sandbox reports its error
-        return source
+
+def needs_ipython(source: str) -> bool:
+    """Whether a cell holds IPython syntax (a line starting with ``%`` or ``!``); the rewrite
+    itself runs in the sandbox, on the student's time."""
+    return bool(re.search(r"(?m)^\s*[%!]", source))
+
+
+def _for_scan(source: str) -> str:
+    """IPython lines blanked (kept as ``pass``) so that the rest of the cell parses."""
+    return re.sub(r"(?m)^(\s*)[%!].*$", r"\1pass", source)
 
 
 # --------------------------------------------------------------------------- static reference scan
@@ -184,6 +220,25 @@ def static_reference_hits(cells: list[str], exercise: Exercise) -> list[str]:
     return sorted(hits)
 
 
+def bounded_static_hits(sources: list[str], exercises, notes: "Notes") -> dict[str, list[str]]:
+    """``static_reference_hits`` for each exercise, on at most ``MAX_SCAN_CHARS`` of code; a
+    scan that fails (a cell the parser rejects with MemoryError, deep nesting) costs only the
+    scan: the reference implementations are disabled in the sandbox anyway."""
+    if sum(len(s) for s in sources) > MAX_SCAN_CHARS:
+        notes.add(f"the notebook has over {MAX_SCAN_CHARS:,} characters of code; the static "
+                  "scan for reference calls was skipped (calls at run time are still caught)")
+        return {}
+    scanned = [_for_scan(s) for s in sources]
+    hits = {}
+    for exercise in exercises:
+        try:
+            hits[exercise.name] = static_reference_hits(scanned, exercise)
+        except (Exception, MemoryError, RecursionError) as e:  # noqa: BLE001
+            notes.add(f"the static scan for reference calls failed ({type(e).__name__})")
+            return {}
+    return hits
+
+
 # --------------------------------------------------------------------------- preparing a lab
 
 @dataclass(frozen=True)
@@ -192,15 +247,19 @@ class GradedCase:
     exercise: Exercise
     case: Case
     label: str
-    expected: object  # plain value (or {"raises": name})
+    expected: object  # plain value (or {"raises": name}); never leaves the grading process
 
 
 def prepare(spec: LabSpec, private: str | Path | None = None) -> tuple[LabSpec, list[GradedCase]]:
     """Every graded case of the lab with its expected value, computed here from the spec."""
     extra, seed = {}, spec.seed
     if private is not None:
+        if not Path(private).is_file():
+            raise ValueError(f"--private: no such file {str(private)!r}")
         values = runpy.run_path(str(private))
         extra, seed = values.get("CASES", {}), values.get("SEED", spec.seed)
+        if not isinstance(extra, dict):
+            raise ValueError(f"--private: CASES must be a dict, got {type(extra).__name__}")
         unknown = set(extra) - {e.name for e in spec.exercises}
         if unknown:
             raise ValueError(f"private cases name unknown exercises {sorted(unknown)}; "
@@ -222,34 +281,69 @@ def prepare(spec: LabSpec, private: str | Path | None = None) -> tuple[LabSpec, 
 
 # --------------------------------------------------------------------------- grading one file
 
+class Notes:
+    """A submission's notes: unique, at most ``MAX_NOTES`` (then how many more), each short."""
+
+    def __init__(self):
+        self.items: list[str] = []
+        self.seen: set[str] = set()
+        self.dropped = 0
+
+    def add(self, note: str) -> None:
+        note = str(note)[:300]
+        if note in self.seen:
+            return
+        self.seen.add(note)
+        if len(self.items) < MAX_NOTES:
+            self.items.append(note)
+        else:
+            self.dropped += 1
+
+    def as_list(self) -> list[str]:
+        more = [f"... and {self.dropped} more note(s)"] if self.dropped else []
+        return self.items + more
+
+
 def _call(gc: GradedCase) -> dict:
     plain = json.loads(json.dumps({"args": list(gc.case.args), "kwargs": gc.case.kwargs}))
     return {"id": gc.id, "name": gc.exercise.name, "kind": gc.exercise.kind,
             "adapter": gc.exercise.adapter, **plain}
 
 
-def _failure_reason(value) -> str | None:
-    if not isinstance(value, dict):
-        return None
-    if "__missing__" in value:
-        return (f"`{value['__missing__']}` is not defined after running the notebook "
-                "(was its cell deleted, renamed, or did it fail?)")
-    if "__timeout__" in value:
-        if value.get("skipped"):
-            return (f"not run: an earlier case of this function timed out after "
-                    f"{value['__timeout__']:g} s")
-        return f"timed out after {value['__timeout__']:g} s"
-    if "__crashed__" in value:
-        return value["__crashed__"]
-    return None
+def _error_text(error: dict) -> str:
+    kind = error.get("kind")
+    if kind in ("timeout", "skipped"):
+        return f"timed out after {float(error['seconds']):g} s"
+    return f"{error.get('name')}: {error.get('message', '')}"
 
 
-def _raised_reason(value, case: Case) -> str | None:
-    if not (isinstance(value, dict) and "__raised__" in value) or case.raises:
-        return None
-    if value["__raised__"] == "NotImplementedError":
-        return "not implemented: the stub still raises NotImplementedError"
-    return f"raised {value['__raised__']}: {value.get('message', '')}"[:300]
+def _case_reason(outcome: dict, gc: GradedCase) -> tuple[str | None, str | None]:
+    """(why the case failed or None, the reference it called or None)."""
+    error = outcome.get("error")
+    if error is None:
+        return gc.exercise.comparator(gc.case)(gc.expected, outcome.get("value")), None
+    kind = error.get("kind")
+    if kind == "crashed":
+        return error["message"], None
+    if kind == "missing":
+        return (f"`{error['name']}` is not defined after running the notebook "
+                "(was its cell deleted, renamed, or did it fail?)"), None
+    if kind == "timeout":
+        return f"timed out after {float(error['seconds']):g} s", None
+    if kind == "skipped":
+        return (f"not run: an earlier case of this function timed out after "
+                f"{float(error['seconds']):g} s"), None
+    if REFERENCE_ERROR in error.get("bases", ()) or error.get("name") == REFERENCE_ERROR:
+        called = next((r for r in gc.exercise.references if r in error.get("message", "")),
+                      "a reference implementation")
+        return f"called {called}, which is disabled while grading", called
+    got = {"__raised__": error["name"], "__bases__": error["bases"],
+           "message": error["message"]}
+    if gc.case.raises:
+        return gc.exercise.comparator(gc.case)(gc.expected, got), None
+    if error["name"] == "NotImplementedError":
+        return "not implemented: the stub still raises NotImplementedError", None
+    return f"raised {error['name']}: {error['message']}"[:300], None
 
 
 def _process_end(result) -> str:
@@ -270,97 +364,122 @@ def _process_end(result) -> str:
 
 
 def grade_file(path: str | Path, spec: LabSpec, cases: list[GradedCase], *,
-               student: str | None = None) -> dict:
-    """Grade one submission; never raises for anything inside the submission."""
+               student: str | None = None, trusted: bool = False) -> dict:
+    """Grade one submission; never raises for anything inside the submission (``GradingError``
+    when the sandbox itself cannot start)."""
     path = Path(path)
     started = time.perf_counter()
-    report = {"student": student or path.stem, "file": str(path), "lab": spec.lab,
-              "max_points": spec.total_points, "notes": []}
+    report = {"student": student or safe_text(path.stem), "file": safe_text(str(path)),
+              "lab": spec.lab, "max_points": spec.total_points, "notes": []}
+    notes = Notes()
+    notebook_error, results, static = None, {}, {}
     try:
-        sources = read_code_cells(path)
+        cells = read_cells(path)
     except ValueError as e:
-        sources, report["notes"] = None, [str(e)]
-    results: dict[str, object] = {}
-    if sources is not None:
-        setup = SETUP_CELL.strip()
-        cells = [(i, to_python(s)) for i, s in enumerate(sources, 1)
-                 if s.strip() and s.strip() != setup]
-        results = _run(cells, spec, cases, report)
-        static = {e.name: static_reference_hits([c for _, c in cells], e) for e in spec.exercises}
-    else:
-        static = {}
-    report["exercises"] = _score(spec, cases, results, static, notebook_error=report["notes"][0]
-                                 if sources is None else None)
+        notebook_error, cells = str(e), None
+        notes.add(notebook_error)
+    if cells is not None:
+        try:
+            setup = SETUP_CELL.strip()
+            run = [c for c in cells if c.source.strip() and c.source.strip() != setup]
+            if len(run) > MAX_CODE_CELLS:
+                notes.add(f"the notebook has {len(run)} non-empty code cells; only the first "
+                          f"{MAX_CODE_CELLS} were run")
+                run = run[:MAX_CODE_CELLS]
+            results = _run(run, spec, cases, report, notes, trusted)
+            static = bounded_static_hits([c.source for c in run], spec.exercises, notes)
+        except (GradingError, SandboxUnavailable):
+            raise
+        except Exception as e:  # noqa: BLE001 - one submission never stops the batch
+            notes.add(f"the grader failed on this submission ({type(e).__name__}: {e})"[:300])
+    report["exercises"] = _score(spec, cases, results, static, notebook_error)
     report["total"] = round(sum(e["points"] for e in report["exercises"].values()), 4)
+    report["notes"] = notes.as_list()
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
 
 
-def _run(cells, spec: LabSpec, cases: list[GradedCase], report: dict) -> dict:
+def _run(cells: list[NotebookCell], spec: LabSpec, cases: list[GradedCase], report: dict,
+         notes: Notes, trusted: bool) -> dict:
     references = sorted({r for e in spec.exercises for r in e.references})
+    labels = {c.number: c.label for c in cells}
     pending = [_call(gc) for gc in cases]
     skip: set[int] = set()
-    results: dict[str, object] = {}
-    # all runs of one submission together (plus what trusted start-up and imports may take)
-    deadline = time.monotonic() + 3 * spec.timeout_s + MAX_PAUSE_S
+    results: dict[str, dict] = {}
+    ipython = any(needs_ipython(c.source) for c in cells)
+    # every run of one submission together, on the parent's clock
+    deadline = time.monotonic() + 2 * spec.timeout_s
     for _ in range(1 + MAX_RERUNS):
-        job = {"repo_root": str(REPO_ROOT), "cells": [c for c in cells if c[0] not in skip],
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        job = {"repo_root": str(REPO_ROOT),
+               "cells": [[c.number, c.source] for c in cells if c.number not in skip],
                "calls": pending, "references": references, "preimport": list(spec.preimport),
-               "cell_timeout_s": spec.cell_timeout_s, "call_timeout_s": spec.call_timeout_s}
-        run = run_job(job, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb)
+               "ipython": ipython, "cell_timeout_s": spec.cell_timeout_s,
+               "call_timeout_s": spec.call_timeout_s}
+        run = run_job(job, timeout_s=min(spec.timeout_s, remaining), memory_mb=spec.memory_mb,
+                      trusted=trusted)
         if not run.ready:
             raise GradingError(f"the sandbox did not start (exit code {run.returncode}); "
                                f"its output:\n{run.output[-3000:]}")
-        report["network"] = run.network
+        report["sandbox"] = run.sandbox
         open_item = None
         for m in run.messages:
-            kind = m.get("type")
+            kind = m["type"]
             if kind == "cell_start":
-                open_item = ("cell", m.get("index"))
+                open_item = ("cell", m["index"])
             elif kind == "cell_end":
                 open_item = None
                 if m.get("error"):
-                    error = m["error"]
-                    text = (f"timed out after {error['__timeout__']:g} s" if "__timeout__" in error
-                            else f"{error.get('__raised__')}: {error.get('message', '')}")
-                    note = f"code cell {m.get('index')} raised {text}"[:300]
-                    if note not in report["notes"]:
-                        report["notes"].append(note)
+                    notes.add(f"{labels.get(m['index'], m['index'])} raised "
+                              f"{_error_text(m['error'])}")
             elif kind == "call_start":
-                open_item = ("call", m.get("id"))
-            elif kind == "result" and m.get("id") not in results:
-                results[m["id"]] = {"value": m.get("value"), "refs": m.get("refs") or []}
+                open_item = ("call", m["id"])
+            elif kind == "result":
+                results[m["id"]] = {"value": m.get("value"), "error": m.get("error"),
+                                    "refs": m.get("refs", [])}
                 open_item = None
             elif kind == "done":
                 report["output"] = {"stdout_chars": m.get("stdout_chars"),
                                     "stderr_chars": m.get("stderr_chars"),
                                     "stdout_head": str(m.get("stdout", ""))[:500]}
+        if run.tampered:
+            reason = (f"the submission wrote to the grader's result channel ({run.tampered}); "
+                      "what followed was not graded")
+            notes.add(reason)
+            for c in pending:
+                if c["id"] not in results:
+                    results[c["id"]] = _crashed(reason)
+            break
         if run.overflow:
-            report["notes"].append("the result channel overflowed; extra data was dropped")
+            notes.add("the result channel overflowed; extra data was dropped")
         if run.done:
             break
         cause = _process_end(run)
         if open_item and open_item[0] == "cell":
             skip.add(open_item[1])
-            report["notes"].append(f"code cell {open_item[1]}: {cause}; graded again "
-                                   "without that cell")
+            notes.add(f"{labels.get(open_item[1], open_item[1])}: {cause}; graded again "
+                      "without that cell")
         elif open_item and open_item[0] == "call":
-            results[open_item[1]] = {"value": {"__crashed__": cause}, "refs": []}
+            results[open_item[1]] = _crashed(cause)
             name = next(c["name"] for c in pending if c["id"] == open_item[1])
             for c in pending:  # the same function would end the process again: skip it
                 if c["name"] == name and c["id"] not in results:
-                    results[c["id"]] = {"value": {"__crashed__": f"not run: an earlier case of "
-                                                  f"this function ended the process ({cause})"},
-                                        "refs": []}
+                    results[c["id"]] = _crashed(f"not run: an earlier case of this function "
+                                                f"ended the process ({cause})")
         pending = [c for c in pending if c["id"] not in results]
-        if not pending or not open_item or time.monotonic() > deadline:
-            break  # done, or died outside any cell or call (nothing to skip), or out of time
+        if not pending or not open_item:
+            break  # done, or died outside any cell or call (nothing to skip)
     for call in pending:
         if call["id"] not in results:
-            results[call["id"]] = {"value": {"__crashed__": "not run: the submission kept ending "
-                                             "the grading process or ran out of time"},
-                                   "refs": []}
+            results[call["id"]] = _crashed("not run: the submission kept ending the grading "
+                                           "process or ran out of time")
     return results
+
+
+def _crashed(message: str) -> dict:
+    return {"value": None, "error": {"kind": "crashed", "message": message}, "refs": []}
 
 
 def _score(spec: LabSpec, cases: list[GradedCase], results: dict, static: dict,
@@ -370,75 +489,198 @@ def _score(spec: LabSpec, cases: list[GradedCase], results: dict, static: dict,
         mine = [gc for gc in cases if gc.exercise is exercise]
         per_case = exercise.points / len(mine) if mine else 0.0
         lost, passed = [], 0
+        counts = {"public": [0, 0], "hidden": [0, 0]}
         refs = set(static.get(exercise.name, []))
         for gc in mine:
             outcome = results.get(gc.id)
+            kind = gc.label.split(" ", 1)[0]
+            counts[kind][1] += 1
             if notebook_error:
                 reason = notebook_error
             elif outcome is None:
                 reason = "not run"
             else:
-                refs |= set(outcome["refs"]) & set(exercise.references)
-                value = outcome["value"]
-                reason = _failure_reason(value) or _raised_reason(value, gc.case)
-                if reason is None:
-                    try:
-                        reason = exercise.comparator(gc.case)(gc.expected, value)
-                    except Exception as e:  # a comparison must never stop the batch
-                        reason = f"could not compare the result ({type(e).__name__})"
+                refs |= set(outcome.get("refs") or ()) & set(exercise.references)
+                try:  # a comparison or a reason must never stop the batch
+                    reason, called = _case_reason(outcome, gc)
+                    if called:
+                        refs.add(called)
+                except Exception as e:  # noqa: BLE001
+                    reason = f"could not compare the result ({type(e).__name__})"
+                if reason is not None and not isinstance(reason, str):
+                    reason = "could not compare the result"
             if reason is None:
                 passed += 1
+                counts[kind][0] += 1
             else:
                 lost.append({"case": gc.label, "points_lost": round(per_case, 4),
-                             "reason": reason})
+                             "reason": reason[:500]})
         points = per_case * passed
-        if refs and passed:
+        if refs:
             names = ", ".join(sorted(refs))
-            lost = [{"case": "all", "points_lost": round(points, 4),
-                     "reason": f"the answer calls the course's reference implementation "
-                               f"({names}); this exercise asks you to write it yourself"}] + lost
+            if passed:
+                lost = [{"case": "all", "points_lost": round(points, 4),
+                         "reason": f"the answer calls the course's reference implementation "
+                                   f"({names}); this exercise asks you to write it yourself"}] \
+                    + lost
             points = 0.0
         exercises[exercise.name] = {"points": round(points, 4), "max": exercise.points,
-                                    "passed": passed, "cases": len(mine), "lost": lost}
+                                    "passed": passed, "cases": len(mine),
+                                    "public": {"passed": counts["public"][0],
+                                               "cases": counts["public"][1]},
+                                    "hidden": {"passed": counts["hidden"][0],
+                                               "cases": counts["hidden"][1]},
+                                    "calls_reference": sorted(refs), "lost": lost}
     return exercises
 
 
 # --------------------------------------------------------------------------- a batch
 
 def grade(lab: str, paths: list[str | Path], *, jobs: int | None = None,
-          private: str | Path | None = None, **limits) -> list[dict]:
-    """Grade several submissions in parallel (one sandboxed process each); reports in input
-    order. ``limits`` override the spec's (``timeout_s``, ``cell_timeout_s``, ...)."""
+          private: str | Path | None = None, trusted: bool = False, **limits) -> list[dict]:
+    """Grade several submissions in parallel (one sandbox each); reports in input order.
+    ``limits`` override the spec's (``timeout_s``, ``cell_timeout_s``, ...). Without a sandbox
+    ``SandboxUnavailable`` (what to install), unless ``trusted``."""
+    if not trusted:
+        require_sandbox()
     spec = load_spec(lab)
     if limits:
         spec = replace(spec, **limits)
     spec, cases = prepare(spec, private)
     paths = [Path(p) for p in paths]
-    names = _student_names(paths)
-    jobs = max(1, jobs or os.cpu_count() or 1)
+    names = student_names(paths)
+    if jobs is not None and (type(jobs) is not int or jobs < 1):
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    jobs = jobs or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(lambda pn: grade_file(pn[0], spec, cases, student=pn[1]),
-                             zip(paths, names)))
+        return list(pool.map(lambda pn: grade_file(pn[0], spec, cases, student=pn[1],
+                                                   trusted=trusted), zip(paths, names)))
 
 
-def _student_names(paths: list[Path]) -> list[str]:
-    stems = [p.stem for p in paths]
-    return [p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}/{p.stem}" for p in paths]
+def safe_text(text: str) -> str:
+    """``text`` with undecodable bytes of a file name as ``\\xNN`` and control or invisible
+    characters escaped, so that it encodes anywhere and prints as one harmless line."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) \
+        else str(text)
+    out = []
+    for ch in text:
+        if unicodedata.category(ch)[0] in "CZ" and ch != " ":
+            out.append(ch.encode("unicode_escape").decode("ascii") if ord(ch) < 0x10000
+                       or ch in "\t\n\r" else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def student_names(paths: list[Path]) -> list[str]:
+    """One unique, printable name per file: the stem, qualified by as many parent folders as
+    it takes when stems collide (``x/sub/alice`` and ``y/sub/alice``), numbered if the same
+    file is given twice."""
+    resolved = [p.absolute() for p in paths]
+    depth = [0] * len(paths)
+
+    def name(i):
+        parts = resolved[i].parent.parts[len(resolved[i].parent.parts) - depth[i]:] \
+            if depth[i] else ()
+        return "/".join([*parts, resolved[i].stem])
+
+    for _ in range(64):
+        names = [name(i) for i in range(len(paths))]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1
+                 and depth[i] < len(resolved[i].parent.parts)]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    names = [safe_text(name(i)) for i in range(len(paths))]
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return unique
+
+
+# --------------------------------------------------------------------------- output files
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_field(value):
+    """A CSV field a spreadsheet shows as text: one starting with = + - @ tab or CR gets a
+    leading apostrophe; numbers stay numbers."""
+    if isinstance(value, (int, float)):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def summary_note(report: dict) -> str:
+    """The CSV's notes column: what the instructor must know at a glance (a corrupt notebook,
+    a cell that broke, a blank lab), never just a bare 0."""
+    notes = list(report.get("notes") or [])
+    if report.get("total", 0) == 0 and report.get("exercises"):
+        reasons = [x["reason"] for e in report["exercises"].values() for x in e["lost"]]
+        if reasons:
+            common = max(sorted(set(reasons)), key=reasons.count)
+            notes.insert(0, f"no points: {common}")
+    refs = sorted({r for e in report.get("exercises", {}).values()
+                   for r in e.get("calls_reference", [])})
+    if refs:
+        notes.append("calls the reference implementation: " + ", ".join(refs))
+    return safe_text(" | ".join(notes))[:1000]
+
+
+def _atomic_write(path: Path, data: str) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place (whatever
+    was at ``path``, a file, a FIFO or a link, is replaced, never opened)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def csv_text(reports: list[dict]) -> str:
+    exercise_names = list(reports[0]["exercises"]) if reports else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["student", *exercise_names, "total", "max", "notes"])
+    for r in reports:
+        writer.writerow([csv_field(safe_text(r["student"])),
+                         *(_num(r["exercises"][n]["points"]) for n in exercise_names),
+                         _num(r["total"]), _num(r["max_points"]), csv_field(summary_note(r))])
+    return buffer.getvalue()
 
 
 def write_csv(reports: list[dict], path: str | Path) -> None:
-    exercise_names = list(reports[0]["exercises"]) if reports else []
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["student", *exercise_names, "total", "max"])
-        for r in reports:
-            writer.writerow([r["student"], *(_num(r["exercises"][n]["points"])
-                                              for n in exercise_names),
-                             _num(r["total"]), _num(r["max_points"])])
+    _atomic_write(Path(path), csv_text(reports))
+
+
+def write_json(reports: list[dict], path: str | Path) -> None:
+    _atomic_write(Path(path), json.dumps(reports, indent=1, ensure_ascii=True))
 
 
 def _num(x):
     return int(x) if float(x).is_integer() else x
+
+
+def _output_path(parser, value: Path | None, flag: str) -> None:
+    if value is None:
+        return
+    if value.is_dir():
+        parser.error(f"{flag}: {str(value)!r} is a folder; give a file name")
+    if not value.parent.is_dir():
+        parser.error(f"{flag}: the folder {str(value.parent)!r} does not exist")
 
 
 def main(argv=None) -> int:
@@ -451,24 +693,50 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="parallel submissions "
                         "(default: the number of CPU cores)")
     parser.add_argument("--private", type=Path, help="a .py file with extra CASES (and SEED)")
+    parser.add_argument("--trusted", action="store_true",
+                        help="the notebooks are trusted (your own): run them without the OS "
+                             "sandbox when bubblewrap is not available")
     args = parser.parse_args(argv)
+    try:
+        load_spec(args.lab)
+    except ValueError as e:
+        parser.error(f"lab: {e}")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs: must be at least 1, got {args.jobs}")
+    if args.private is not None and not args.private.is_file():
+        parser.error(f"--private: no such file {str(args.private)!r}")
+    _output_path(parser, args.out, "--out")
+    _output_path(parser, args.json, "--json")
     files = []
     for p in args.paths:
-        files += sorted(p.glob("*.ipynb")) if p.is_dir() else [p]
+        if p.is_dir():
+            files += sorted(p.glob("*.ipynb"))
+        elif p.exists():
+            files.append(p)
+        else:
+            parser.error(f"paths: no such file or folder {safe_text(str(p))!r}")
     if not files:
-        parser.error("no .ipynb files to grade")
+        parser.error("paths: no .ipynb files to grade")
     started = time.perf_counter()
-    reports = grade(args.lab, files, jobs=args.jobs, private=args.private)
+    try:
+        reports = grade(args.lab, files, jobs=args.jobs, private=args.private,
+                        trusted=args.trusted)
+    except SandboxUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        parser.error(str(e))
     elapsed = time.perf_counter() - started
+    if args.json:
+        write_json(reports, args.json)
     if args.out:
         write_csv(reports, args.out)
-    if args.json:
-        args.json.write_text(json.dumps(reports, indent=1), encoding="utf-8")
-    width = max(len(r["student"]) for r in reports)
+    width = min(40, max(len(r["student"]) for r in reports))
     for r in reports:
-        print(f"{r['student']:<{width}}  {_num(r['total']):>6} / {_num(r['max_points'])}")
+        print(f"{safe_text(r['student']):<{width}}  {_num(r['total']):>6} / "
+              f"{_num(r['max_points'])}")
     print(f"graded {len(reports)} submission(s) in {elapsed:.1f} s with "
-          f"{max(1, args.jobs or os.cpu_count() or 1)} parallel job(s)", file=sys.stderr)
+          f"{args.jobs or os.cpu_count() or 1} parallel job(s)", file=sys.stderr)
     return 0
 
 

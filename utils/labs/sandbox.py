@@ -1,41 +1,40 @@
-"""Run untrusted notebook code in a fresh, limited Python process and get plain values back.
+"""Run one untrusted submission in an OS sandbox and get plain values back (the parent side).
 
 The grader (``utils.labs.grade``) builds a *job*: the code cells of one submission and the calls to
-make afterwards (function name, plain JSON arguments). ``run_job`` starts ``python -I`` on this
-file in its own session and a temporary working directory; the child, before any student code:
+make afterwards (function name, plain JSON arguments; never an expected value). ``run_job`` runs
+``utils/labs/sandbox_child.py`` on it:
 
-- sets resource limits (CPU seconds, address space, file size, no core files),
-- leaves the network where the OS allows it (a new network namespace: as root, or through an
-  unprivileged user namespace), and otherwise refuses sockets through an audit hook,
-- installs an audit hook (``sys.addaudithook``, which cannot be removed) refusing writes outside
-  its temporary directory, new processes, signals to other processes, new ``ctypes`` symbols and
-  raising resource limits,
-- replaces ``utils.labs.check`` by a no-op and wraps the reference implementations the lab names
-  (``references``) so that calls from student code are recorded,
-- redirects ``sys.stdout``/``sys.stderr`` to capped buffers.
+- by default inside bubblewrap (``bwrap``): its own user (uid 65534), PID, mount, IPC, UTS and
+  network namespaces, ``--die-with-parent``, a new session, no capabilities, a seccomp filter
+  (``seccomp_program``: no fork/vfork, clone only for threads, no pidfd calls, ptrace,
+  process_vm_*, mknod, mount, unshare/setns, keyctl, bpf, io_uring...), and a root file system
+  holding only the Python runtime, its packages and the course's ``utils`` folder (read-only),
+  a fresh ``/proc`` of its own PID namespace, a minimal ``/dev`` and a small private ``/tmp``;
+  no other submission, no private cases file, no grader environment, no grader ``/proc``;
+- with ``trusted=True`` (a learner grading their own notebook), as a plain ``python -I``
+  process; the child's audit hook and resource limits (the second line, always on) remain.
 
-It then executes the cells (each under a soft timeout), calls the functions, and writes one JSON
-line per event to a pipe opened by the parent (``result_fd``). Return values are converted by
-``to_plain`` to numbers, strings, lists and dicts: no student object leaves the child, and the
-parent, which alone holds the expected values, does every comparison. A student can write to that
-pipe too, but only values it could have returned anyway; the parent ignores everything else.
-The parent kills the whole process group at the wall-clock limit and caps what it reads.
-
-Limits of this design (documented in the README): the audit hook is a strong fence for Python
-code, not a security boundary against native code already loaded; for hostile cohorts run the
-grader in a container or as an unprivileged user.
+The parent enforces the wall-clock limit from its own clock (nothing the child sends extends it),
+kills the sandbox, caps what it reads, and checks the protocol of the result pipe
+(``check_protocol``): exactly one ``result`` per call, in the job's order, after its
+``call_start``; any extra, duplicated, out-of-order or malformed line counts against the
+submission. ``to_plain`` turns return values into numbers, strings, lists and dicts without
+calling any of the student's methods.
 """
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import math
 import os
-import secrets
+import platform
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -147,17 +146,186 @@ def _torch_plain(x, budget):
             "dtype": str(x.dtype).replace("torch.", ""), "shape": list(x.shape)}
 
 
+# --------------------------------------------------------------------------- finding the sandbox
+
+INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `sudo apt-get install bubblewrap`; Fedora: "
+                "`sudo dnf install bubblewrap`) on Linux with user namespaces enabled")
+SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+UTILS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DIR = os.path.dirname(UTILS_DIR)
+WORKDIR = "/tmp/work"  # the submission's private writable folder, inside the sandbox
+STARTUP_S = 60.0  # wall clock allowed on top of the spec's limit for the trusted start-up
+
+
+class SandboxUnavailable(RuntimeError):
+    """No OS sandbox can start on this machine (the message says what to install)."""
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+# x86_64 and aarch64 syscall numbers the filter refuses with EPERM (clone3 with ENOSYS, so that
+# the C library falls back to clone, whose flags the filter can read)
+_SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, 56, 435, {
+        "fork": 57, "vfork": 58, "ptrace": 101, "process_vm_readv": 310,
+        "process_vm_writev": 311, "pidfd_open": 434, "pidfd_send_signal": 424,
+        "pidfd_getfd": 438, "mknod": 133, "mknodat": 259, "unshare": 272, "setns": 308,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "keyctl": 250,
+        "add_key": 248, "request_key": 249, "bpf": 321, "userfaultfd": 323,
+        "perf_event_open": 298, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "kexec_load": 246, "init_module": 175, "finit_module": 313,
+        "delete_module": 176, "open_by_handle_at": 304, "name_to_handle_at": 303,
+        "personality": 135, "kcmp": 312, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+        "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+        "process_madvise": 440}),
+    "aarch64": (0xC00000B7, 220, 435, {
+        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_open": 434,
+        "pidfd_send_signal": 424, "pidfd_getfd": 438, "mknodat": 33, "unshare": 97,
+        "setns": 268, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
+        "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280, "userfaultfd": 282,
+        "perf_event_open": 241, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "kexec_load": 104, "init_module": 105, "finit_module": 273,
+        "delete_module": 106, "open_by_handle_at": 265, "name_to_handle_at": 264,
+        "personality": 92, "kcmp": 272, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+        "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+        "process_madvise": 440}),
+}
+_CLONE_THREAD = 0x00010000
+_RET_ALLOW, _RET_KILL, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+_EPERM, _ENOSYS = 1, 38
+
+
+def seccomp_program(machine: str | None = None) -> bytes | None:
+    """A classic-BPF seccomp filter (``struct sock_filter[]``, as ``bwrap --seccomp FD`` reads
+    it) for this machine's architecture, or None where we have no syscall table."""
+    machine = machine or platform.machine()
+    if machine not in _SECCOMP_ARCHES:
+        return None
+    arch, clone, clone3, denied = _SECCOMP_ARCHES[machine]
+    ld_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    prog = [(ld_abs, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, _RET_KILL), (ld_abs, 0, 0, 0)]
+    if machine == "x86_64":  # the x32 ABI's numbers: refuse them all
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, _RET_ERRNO | _EPERM)]
+    for nr in sorted(set(denied.values())):
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, _RET_ERRNO | _EPERM)]
+    prog += [(jeq, 0, 1, clone3), (ret, 0, 0, _RET_ERRNO | _ENOSYS)]
+    # clone: allowed for a thread (CLONE_THREAD in the flags, argument 0), refused otherwise
+    prog += [(jeq, 0, 4, clone), (ld_abs, 0, 0, 16), (jset, 1, 0, _CLONE_THREAD),
+             (ret, 0, 0, _RET_ERRNO | _EPERM), (ret, 0, 0, _RET_ALLOW), (ret, 0, 0, _RET_ALLOW)]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+
+
+def _readonly_paths() -> list[str]:
+    """What the sandbox sees (read-only): the system's programs and libraries, the Python
+    runtime and its packages, and the course's ``utils`` folder (not the rest of the repository:
+    no solutions, no submissions)."""
+    paths = sysconfig.get_paths()
+    import site
+
+    wanted = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+              "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
+              "/etc/localtime", sys.prefix, sys.base_prefix, sys.exec_prefix,
+              sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+              paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"],
+              *site.getsitepackages(), UTILS_DIR]
+    chosen: list[str] = []
+    for p in sorted({os.path.abspath(p) for p in wanted if p}, key=len):
+        if os.path.lexists(p) and not any(p == c or p.startswith(c.rstrip("/") + "/")
+                                          for c in chosen if not os.path.islink(c)):
+            chosen.append(p)
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_supports(option: str) -> bool:
+    try:
+        text = subprocess.run([bwrap_path(), "--help"], capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return False
+    return option in text
+
+
+def bwrap_command(argv: list[str], env: dict[str, str], seccomp_fd: int | None) -> list[str]:
+    """The bubblewrap command line running ``argv`` in a fresh sandbox."""
+    cmd = [bwrap_path(), "--unshare-all", "--unshare-user", "--die-with-parent",
+           "--new-session", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+           "--hostname", "grading", "--cap-drop", "ALL"]
+    if _bwrap_supports("--disable-userns"):
+        cmd.append("--disable-userns")
+    for p in _readonly_paths():
+        if os.path.islink(p):
+            cmd += ["--symlink", os.readlink(p), p]
+        else:
+            cmd += ["--ro-bind", p, p]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(256 * 2**20), "--tmpfs", "/tmp",
+            "--dir", WORKDIR, "--chdir", WORKDIR, "--clearenv"]
+    for key, value in env.items():
+        cmd += ["--setenv", key, value]
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
+    return cmd + ["--", *argv]
+
+
+def _seccomp_fd() -> int | None:
+    program = seccomp_program()
+    if program is None:
+        return None
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, program)  # a few hundred bytes: fits in the pipe
+    os.close(write_fd)
+    return read_fd
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_problem() -> str | None:
+    """None when a bubblewrap sandbox starts here (it runs Python in one); otherwise why not,
+    and what to install. Cached for the process."""
+    if not sys.platform.startswith("linux"):
+        return f"the grading sandbox needs Linux (this is {sys.platform})"
+    if bwrap_path() is None:
+        return f"bubblewrap (`bwrap`) is not installed: {INSTALL_HINT}"
+    fd = _seccomp_fd()
+    try:
+        cmd = bwrap_command([sys.executable, "-I", "-c", "import os; print(os.getuid())"],
+                            child_env(WORKDIR), fd)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                              pass_fds=(fd,) if fd is not None else (), env=child_env(WORKDIR))
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"bubblewrap could not start ({e}): {INSTALL_HINT}"
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if done.returncode != 0 or done.stdout.strip() != str(SANDBOX_UID):
+        return (f"bubblewrap cannot create its namespaces here (exit code {done.returncode}: "
+                f"{done.stderr.strip()[-300:]}); {INSTALL_HINT}, or run the grader as root")
+    return None
+
+
+def require_sandbox() -> None:
+    """``SandboxUnavailable`` with what to install when no sandbox can start."""
+    problem = sandbox_problem()
+    if problem:
+        raise SandboxUnavailable(
+            f"cannot grade untrusted submissions: {problem}. To grade notebooks you trust "
+            "(your own), pass --trusted (or trusted=True) to run them without the OS sandbox.")
+
+
 # --------------------------------------------------------------------------- parent side
 
 @dataclass
 class SandboxResult:
-    messages: list[dict] = field(default_factory=list)  # the child's events, in order
+    messages: list[dict] = field(default_factory=list)  # the child's events, validated, in order
     output: str = ""          # what the process wrote to its real stdout/stderr (capped)
     returncode: int | None = None
     timed_out: bool = False
     wall_s: float = 0.0
     overflow: bool = False    # the result channel went over its cap
-    network: str = "unknown"  # how the network was cut off
+    tampered: str | None = None  # why the result channel broke its protocol, if it did
+    sandbox: str = "none"     # "bwrap" or "none (trusted)"
 
     @property
     def done(self) -> bool:
@@ -168,57 +336,15 @@ class SandboxResult:
         return any(m.get("type") == "ready" for m in self.messages)
 
 
-MAX_PAUSE_S = 120.0  # most wall-clock time per run not counted (start-up, importing course code)
-
-
-class _PauseClock:
-    """Wall-clock time the child spent in trusted code (its start-up, importing the course's
-    reference modules, which may import torch), not charged to the student's time limit. It
-    starts paused; the child's ``ready``, ``pause`` and ``resume`` messages move it. A forged
-    message can win a submission at most ``MAX_PAUSE_S`` more seconds of its own time."""
-
-    def __init__(self, token: str):
-        self.token, self.lock = token, threading.Lock()
-        self.since, self.total = time.perf_counter(), 0.0
-
-    def on_line(self, line: bytes) -> None:
-        if len(line) > 300 or b'"pause"' not in line and b'"resume"' not in line \
-                and b'"ready"' not in line:
-            return
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return
-        if not isinstance(message, dict) or message.get("token") != self.token:
-            return
-        with self.lock:
-            now = time.perf_counter()
-            if message.get("type") == "pause" and self.since is None:
-                self.since = now
-            elif message.get("type") in ("resume", "ready") and self.since is not None:
-                self.total += now - self.since
-                self.since = None
-
-    def paused(self) -> float:
-        with self.lock:
-            extra = time.perf_counter() - self.since if self.since is not None else 0.0
-            return min(MAX_PAUSE_S, self.total + extra)
-
-
-def _drain(fd: int, cap: int, sink: list, flags: dict, on_line=None) -> None:
+def _drain(fd: int, cap: int, sink: list, flags: dict) -> None:
     """Read ``fd`` to EOF, keeping at most ``cap`` bytes (so the child never blocks on a full
-    pipe and a flood never fills our memory); ``on_line`` sees each complete short line."""
-    kept, partial = 0, b""
+    pipe and a flood never fills our memory)."""
+    kept = 0
     try:
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            if on_line is not None:
-                lines = (partial + chunk).split(b"\n")
-                partial = lines.pop()[-400:]
-                for line in lines:
-                    on_line(line)
             if kept < cap:
                 sink.append(chunk[: cap - kept])
                 kept += len(chunk[: cap - kept])
@@ -230,8 +356,8 @@ def _drain(fd: int, cap: int, sink: list, flags: dict, on_line=None) -> None:
         os.close(fd)
 
 
-def child_env(tmpdir: str) -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": tmpdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
+def child_env(workdir: str) -> dict[str, str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
            "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
            "COURSE_GRADING": "1"}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -240,446 +366,159 @@ def child_env(tmpdir: str) -> dict[str, str]:
 
 
 def run_job(job: dict, *, timeout_s: float, memory_mb: int, cpu_s: float | None = None,
-            output_cap: int = 64 * 1024, result_cap: int = 16 * 1024 * 1024) -> SandboxResult:
-    """Run ``job`` (see the module docstring) in a fresh sandboxed process; never raises for
-    anything the student's code does."""
-    token = secrets.token_hex(16)
-    result = SandboxResult()
+            trusted: bool = False, output_cap: int = 64 * 1024,
+            result_cap: int = 16 * 1024 * 1024) -> SandboxResult:
+    """Run ``job`` (see the module docstring) in a fresh sandbox (``trusted``: a plain process);
+    never raises for anything the student's code does. ``timeout_s`` is the student's wall
+    clock; the parent adds ``STARTUP_S`` for the trusted start-up and counts from its own clock.
+    ``SandboxUnavailable`` when no sandbox can start and ``trusted`` is false."""
+    if not trusted:
+        require_sandbox()
+    result = SandboxResult(sandbox="none (trusted)" if trusted else "bwrap")
     with tempfile.TemporaryDirectory(prefix="grade-") as tmpdir:
+        workdir = os.path.realpath(tmpdir) if trusted else WORKDIR
         read_fd, write_fd = os.pipe()
-        payload = dict(job, token=token, result_fd=write_fd, tmpdir=os.path.realpath(tmpdir),
-                       limits={"cpu_s": int(math.ceil(cpu_s or timeout_s + MAX_PAUSE_S)) + 1,
+        payload = dict(job, result_fd=write_fd, workdir=workdir, sandbox=result.sandbox,
+                       limits={"cpu_s": int(math.ceil(cpu_s or timeout_s + STARTUP_S)) + 1,
                                "memory_mb": int(memory_mb), "fsize_mb": 16})
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=tmpdir,
-            env=child_env(os.path.realpath(tmpdir)), start_new_session=True)
-        os.close(write_fd)
+        argv = [sys.executable, "-I", CHILD]
+        seccomp_fd, fds = None, [write_fd]
+        if not trusted:
+            seccomp_fd = _seccomp_fd()
+            if seccomp_fd is not None:
+                fds.append(seccomp_fd)
+            argv = bwrap_command(argv, child_env(workdir), seccomp_fd)
+        start = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, pass_fds=tuple(fds), cwd=tmpdir,
+                                    env=child_env(workdir), start_new_session=True)
+        finally:
+            for fd in fds:
+                os.close(fd)
         chunks, out_chunks, flags = [], [], {}
-        clock = _PauseClock(token)
-        readers = [threading.Thread(target=_drain, args=(read_fd, result_cap, chunks, flags,
-                                                         clock.on_line), daemon=True),
+        readers = [threading.Thread(target=_drain, args=(read_fd, result_cap, chunks, flags),
+                                    daemon=True),
                    threading.Thread(target=_drain, args=(os.dup(proc.stdout.fileno()), output_cap,
                                                          out_chunks, {}), daemon=True)]
         proc.stdout.close()
         for t in readers:
             t.start()
-        try:
-            proc.stdin.write(json.dumps(payload).encode())
-            proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
-        while True:  # the student's wall clock: elapsed time less trusted start-up and imports
+        writer = threading.Thread(target=_feed, args=(proc, json.dumps(payload).encode()),
+                                  daemon=True)
+        writer.start()
+        deadline = start + timeout_s + STARTUP_S  # the parent's clock only
+        while True:
             try:
-                proc.wait(timeout=0.05)
+                proc.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
                 break
             except subprocess.TimeoutExpired:
-                if time.perf_counter() - start - clock.paused() > timeout_s:
+                if time.monotonic() >= deadline:
                     result.timed_out = True
                     break
-        _kill_group(proc)
+        _kill(proc)
         result.returncode = proc.wait()
         for t in readers:
             t.join(timeout=5)
-        result.wall_s = time.perf_counter() - start
+        result.wall_s = time.monotonic() - start
         result.overflow = bool(flags.get("overflow"))
         result.output = b"".join(out_chunks).decode("utf-8", "replace")
-        result.messages = _parse_messages(b"".join(chunks), token)
-        for m in result.messages:
-            if m.get("type") == "ready":
-                result.network = m.get("network", "unknown")
+        result.messages, result.tampered = check_protocol(
+            b"".join(chunks), [c[0] for c in job.get("cells", [])],
+            [c["id"] for c in job.get("calls", [])], truncated=result.overflow)
     return result
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _feed(proc: subprocess.Popen, data: bytes) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except (BrokenPipeError, OSError, ValueError):
         pass
 
 
-def _parse_messages(data: bytes, token: str) -> list[dict]:
-    """Complete JSON lines carrying this run's token; a truncated or forged line is dropped."""
-    messages = []
-    for line in data.split(b"\n"):
+def _kill(proc: subprocess.Popen) -> None:
+    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL),
+                 lambda: os.kill(proc.pid, signal.SIGKILL)):
         try:
-            message = json.loads(line)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            continue
-        if isinstance(message, dict) and message.get("token") == token:
-            messages.append(message)
-    return messages
-
-
-# --------------------------------------------------------------------------- child side
-
-class _SoftTimeout(BaseException):
-    """Raised in the child by SIGALRM when a cell or a call runs past its time."""
-
-
-class _CappedText(io.TextIOBase):
-    """A stand-in for sys.stdout/sys.stderr that keeps the first ``cap`` characters."""
-
-    encoding, errors = "utf-8", "replace"
-
-    def __init__(self, cap: int = 20_000):
-        super().__init__()
-        self.cap, self.parts, self.kept, self.total = cap, [], 0, 0
-
-    def writable(self):
-        return True
-
-    def write(self, text):
-        text = text if type(text) is str else str(text)
-        self.total += len(text)
-        if self.kept < self.cap:
-            self.parts.append(text[: self.cap - self.kept])
-            self.kept += len(self.parts[-1])
-        return len(text)
-
-    def isatty(self):
-        return False
-
-    def getvalue(self):
-        return "".join(self.parts)
-
-
-def _cut_network() -> str:
-    """A new, empty network namespace where the OS allows it; else the audit hook refuses
-    sockets."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        clone_newnet, clone_newuser = 0x40000000, 0x10000000
-        if libc.unshare(clone_newnet) == 0:
-            return "network namespace"
-        if libc.unshare(clone_newuser | clone_newnet) == 0:
-            return "user+network namespace"
-    except Exception:
-        pass
-    return "audit hook only"
-
-
-def _set_limits(limits: dict) -> None:
-    import resource
-
-    mb = 1024 * 1024
-    for name, value in (("RLIMIT_CPU", limits["cpu_s"]), ("RLIMIT_AS", limits["memory_mb"] * mb),
-                        ("RLIMIT_FSIZE", limits["fsize_mb"] * mb), ("RLIMIT_CORE", 0)):
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        try:
-            resource.setrlimit(which, (value, value))
-        except (ValueError, OSError):
+            kill()
+        except (ProcessLookupError, PermissionError):
             pass
 
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "shutil.rmtree", "os.truncate", "os.chmod",
-                "os.chown", "os.utime", "os.symlink", "os.link", "os.mkdir", "shutil.move",
-                "shutil.copyfile", "os.chflags", "os.setxattr", "os.removexattr"}
-_BLOCKED_EVENTS = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-                   "os.fork", "os.forkpty", "pty.spawn", "os.killpg", "socket.__new__",
-                   "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto",
-                   "resource.setrlimit", "resource.prlimit"}
-_CTYPES_EVENTS = {"ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.addressof",
-                  "ctypes.cdata", "ctypes.cdata/buffer", "ctypes.string_at", "ctypes.wstring_at",
-                  "ctypes.set_errno", "ctypes.get_errno", "ctypes.seh_exception",
-                  "ctypes.call_function"}
+_ERROR_KINDS = {"raised", "timeout", "skipped", "missing"}
 
 
-def _trusted_import_checker():
-    """A function telling whether the innermost import on the stack is loading a module file
-    from the Python installation or the course's ``utils`` (which the sandbox cannot write):
-    such modules (torch, for one) may use ctypes while they import; student code may not."""
-    import importlib._bootstrap as bootstrap
-    import importlib.machinery as machinery
-    import site
-    import sysconfig
-
-    load_code = bootstrap._load_unlocked.__code__
-    loaders = (machinery.SourceFileLoader, machinery.SourcelessFileLoader,
-               machinery.ExtensionFileLoader)
-    roots = {os.path.realpath(p) + os.sep for p in
-             [sys.prefix, sys.base_prefix, sysconfig.get_paths()["stdlib"],
-              sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-              *site.getsitepackages(),
-              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]}  # utils/
-    roots = tuple(roots)
-    realpath, getframe = os.path.realpath, sys._getframe
-
-    def importing_trusted() -> bool:
-        frame = getframe(1)
-        while frame is not None:
-            if frame.f_code is load_code:
-                spec = frame.f_locals.get("spec")
-                if type(spec) is not machinery.ModuleSpec or type(spec.loader) not in loaders:
-                    return False
-                origin = spec.origin
-                return isinstance(origin, str) and realpath(origin).startswith(roots)
-            frame = frame.f_back
+def _valid_error(error) -> bool:
+    if not isinstance(error, dict) or error.get("kind") not in _ERROR_KINDS:
         return False
+    if error["kind"] in ("timeout", "skipped"):
+        return type(error.get("seconds")) in (int, float)
+    if error["kind"] == "missing":
+        return isinstance(error.get("name"), str)
+    return (isinstance(error.get("name"), str) and isinstance(error.get("message"), str)
+            and isinstance(error.get("bases"), list)
+            and all(isinstance(b, str) for b in error["bases"]))
 
-    return importing_trusted
 
-
-def _install_audit_hook(allowed_root: str) -> None:
-    allowed = os.path.realpath(allowed_root) + os.sep
-    realpath, fspath, getpid = os.path.realpath, os.fspath, os.getpid
-    guard = threading.local()
-    importing_trusted = _trusted_import_checker()
-
-    def outside(path) -> bool:
-        if isinstance(path, int):
-            return False  # an already open descriptor (the channels we handed out)
+def check_protocol(data: bytes, cell_indices: list, call_ids: list[str],
+                   truncated: bool = False) -> tuple[list[dict], str | None]:
+    """The child's events, checked against the only order the real child produces:
+    ``ready``, then ``cell_start``/``cell_end`` pairs for the job's cells in order, then
+    ``call_start``/``result`` pairs for the job's calls in order, then ``done``. Returns the
+    events up to the first deviation and, if there is one, what it was (an extra, duplicated,
+    out-of-order or malformed line: only student code writes those). A last line cut off when
+    the process was killed is dropped silently."""
+    lines = data.split(b"\n")
+    last = lines.pop()  # b"" when the data ended with a newline
+    del last  # an incomplete last line: the process died or was killed while writing
+    events: list[dict] = []
+    cells, calls = list(cell_indices), list(call_ids)
+    state = "start"  # start -> cells -> calls -> done
+    open_item = None
+    for number, line in enumerate(lines, 1):
         try:
-            p = realpath(fspath(path))
-            p = p.decode() if isinstance(p, bytes) else p
-        except Exception:
-            return True
-        return not (p + os.sep).startswith(allowed) and p not in ("/dev/null",)
-
-    def hook(event, args):
-        if getattr(guard, "busy", False):
-            return
-        guard.busy = True
-        try:
-            if event == "open":
-                path, mode, flags = (list(args) + [None, None, 0])[:3]
-                writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                          (isinstance(flags, int) and flags & _WRITE_FLAGS)
-                if writing and outside(path):
-                    raise PermissionError(f"grading sandbox: writing {path!r} is not allowed "
-                                          "(only the temporary working directory is writable)")
-            elif event in _PATH_EVENTS:
-                if args and any(outside(a) for a in args[:2] if isinstance(a, (str, bytes))):
-                    raise PermissionError(f"grading sandbox: {event} outside the working "
-                                          "directory is not allowed")
-            elif event == "os.kill":
-                if args and args[0] != getpid():
-                    raise PermissionError("grading sandbox: signalling other processes")
-            elif event in _CTYPES_EVENTS:
-                if not importing_trusted():
-                    raise PermissionError(f"grading sandbox: {event} is not allowed while "
-                                          "grading (ctypes only while importing installed "
-                                          "packages)")
-            elif event in _BLOCKED_EVENTS:
-                raise PermissionError(f"grading sandbox: {event} is not allowed while grading")
-        finally:
-            guard.busy = False
-
-    sys.addaudithook(hook)
-
-
-class _FakeIPython:
-    """Enough of ``get_ipython()`` for code that IPython's transformer produced from magics:
-    line magics and shell escapes do nothing; ``%%time``/``%%capture`` run their body."""
-
-    def __init__(self, namespace):
-        self.user_ns = namespace
-
-    def run_line_magic(self, *args, **kwargs):
-        return None
-
-    def run_cell_magic(self, name, line, body):
-        if name in ("time", "timeit", "capture"):
-            exec(compile(body, "<cell magic>", "exec"), self.user_ns)
-        return None
-
-    def system(self, *args, **kwargs):
-        return None
-
-    def getoutput(self, *args, **kwargs):
-        return []
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def _child_main() -> None:  # pragma: no cover - runs in the sandboxed process
-    job = json.loads(sys.stdin.buffer.read())
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    token, fd = job["token"], job["result_fd"]
-    write, dumps, monotonic = os.write, json.dumps, time.monotonic
-
-    def send(kind, **payload):
-        payload.update(token=token, type=kind)
-        try:
-            data = (dumps(payload, allow_nan=False) + "\n").encode()
-        except (ValueError, TypeError, RecursionError):
-            data = (dumps({"token": token, "type": kind, "id": payload.get("id"),
-                           "value": {"__unplain__": "unencodable"}}) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            try:
-                n = write(fd, view)
-            except InterruptedError:
-                continue
-            except OSError:
-                return
-            view = view[n:]
-
-    sys.path.insert(0, job["repo_root"])
-    network = _cut_network()
-    _set_limits(job["limits"])
-    import importlib
-    import types
-
-    stub = types.ModuleType("utils.labs.check")
-    stub.check = lambda *args, **kwargs: None
-    stub.__doc__ = "replaced by a no-op while grading"
-    import utils.labs  # the package, so that the stub attaches to it
-
-    sys.modules["utils.labs.check"] = stub
-    utils.labs.check = stub
-    for module in job.get("preimport", []):
-        importlib.import_module(module)
-    adapters = {}
-    for dotted in {c["adapter"] for c in job["calls"] if c.get("adapter")}:
-        module, _, name = dotted.partition(":")
-        adapters[dotted] = getattr(importlib.import_module(module), name)
-
-    called: set[str] = set()
-    wrapped: set[str] = set()
-    reference_objects: dict[int, str] = {}  # id of each original and its trip-wire -> name
-
-    def wrap_references():
-        """Wrap each reference whose module is imported by now; record calls from cells."""
-        for dotted in job.get("references", []):
-            module_name, _, attr = dotted.rpartition(".")
-            module = sys.modules.get(module_name)
-            if dotted in wrapped or module is None or not hasattr(module, attr):
-                continue
-            original = getattr(module, attr)
-
-            def tripwire(*args, __original=original, __name=dotted, **kwargs):
-                caller = sys._getframe(1).f_code.co_filename
-                if caller.startswith("<cell"):
-                    called.add(__name)
-                return __original(*args, **kwargs)
-
-            tripwire.__name__ = getattr(original, "__name__", attr)
-            tripwire.__doc__ = getattr(original, "__doc__", None)
-            setattr(module, attr, tripwire)
-            wrapped.add(dotted)
-            reference_objects[id(original)] = reference_objects[id(tripwire)] = dotted
-
-    wrap_references()
-
-    import importlib.abc
-    import importlib.machinery
-
-    reference_modules = {d.rpartition(".")[0] for d in job.get("references", [])}
-    import_depth = [0]
-
-    class _WrapOnImport(importlib.abc.MetaPathFinder):
-        """Wraps the references of a module the moment student code first imports it."""
-
-        def find_spec(self, name, path, target=None):
-            if name not in reference_modules:
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-                return spec
-            exec_module = spec.loader.exec_module
-
-            def exec_and_wrap(module):
-                # course code importing torch can take seconds: not the student's time
-                remaining = signal.setitimer(signal.ITIMER_REAL, 0)[0]
-                import_depth[0] += 1
-                if import_depth[0] == 1:
-                    send("pause")
-                try:
-                    exec_module(module)
-                finally:
-                    import_depth[0] -= 1
-                    if import_depth[0] == 0:
-                        send("resume")
-                    if remaining:
-                        signal.setitimer(signal.ITIMER_REAL, remaining)
-                wrap_references()
-
-            spec.loader.exec_module = exec_and_wrap
-            return spec
-
-    sys.meta_path.insert(0, _WrapOnImport())
-
-    def on_alarm(signum, frame):
-        raise _SoftTimeout()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-
-    def limited(seconds, fn, *args, **kwargs):
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def describe(exc) -> dict:
-        t = type(exc)
-        try:
-            message = str(exc)[:300]
-        except BaseException:
-            message = "(message unavailable)"
-        bases = [c.__name__ for c in t.__mro__ if c.__module__ == "builtins"]
-        return {"__raised__": _type_name(t), "__bases__": bases, "message": message}
-
-    stdout, stderr = _CappedText(), _CappedText()
-    _install_audit_hook(job["tmpdir"])
-    send("ready", network=network)
-    sys.stdout, sys.stderr = stdout, stderr
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    namespace["get_ipython"] = lambda: _FakeIPython(namespace)
-    for index, source in job["cells"]:
-        send("cell_start", index=index)
-        error, started = None, monotonic()
-        try:
-            code = compile(source, f"<cell {index}>", "exec")
-            limited(job["cell_timeout_s"], exec, code, namespace)
-        except _SoftTimeout:
-            error = {"__timeout__": job["cell_timeout_s"]}
-        except BaseException as exc:  # noqa: BLE001 - SystemExit, MemoryError, anything
-            error = describe(exc)
-        send("cell_end", index=index, error=error, seconds=round(monotonic() - started, 3))
-        wrap_references()
-    timed_out: dict[str, float] = {}  # an exercise that timed out once is not called again
-    for call in job["calls"]:
-        send("call_start", id=call["id"])
-        called.clear()
-        name = call["name"]
-        if name in timed_out:
-            value = {"__timeout__": timed_out[name], "skipped": True}
-        elif name not in namespace:
-            value = {"__missing__": name}
-        elif call["kind"] == "value":
-            value = to_plain(namespace[name])
+            m = json.loads(line)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return events, f"line {number} of the result channel is not JSON"
+        kind = m.get("type") if isinstance(m, dict) else None
+        problem = None
+        if state == "start":
+            state, problem = ("cells", None) if kind == "ready" else \
+                (state, f"{kind!r} before the sandbox was ready")
+        elif state == "done":
+            problem = f"{kind!r} after the end of grading"
+        elif kind == "cell_start" and state == "cells" and open_item is None:
+            if not cells or m.get("index") != cells[0]:
+                problem = f"cell_start for cell {m.get('index')!r} out of order"
+            else:
+                open_item = ("cell", cells.pop(0))
+        elif kind == "cell_end" and open_item == ("cell", m.get("index")):
+            error = m.get("error")
+            if error is not None and not _valid_error(error):
+                problem = "a malformed cell_end line"
+            open_item = None
+        elif kind == "call_start" and open_item is None and state in ("cells", "calls") \
+                and not cells:
+            if not calls or m.get("id") != calls[0]:
+                problem = f"call_start for {m.get('id')!r} out of order"
+            else:
+                state, open_item = "calls", ("call", calls.pop(0))
+        elif kind == "result" and open_item == ("call", m.get("id")):
+            refs = m.get("refs", [])
+            has_value, error = "value" in m, m.get("error")
+            if not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)) or \
+                    has_value == (error is not None) or (error is not None
+                                                         and not _valid_error(error)):
+                problem = "a malformed result line"
+            open_item = None
+        elif kind == "done" and open_item is None and not cells and not calls:
+            state = "done"
         else:
-            fn = namespace[name]
-            if id(fn) in reference_objects:  # the answer IS the reference (an alias)
-                called.add(reference_objects[id(fn)])
-            adapter = adapters.get(call.get("adapter"))
-            try:
-                if adapter is not None:
-                    raw = limited(job["call_timeout_s"], adapter, fn, *call["args"],
-                                  **call["kwargs"])
-                else:
-                    raw = limited(job["call_timeout_s"], fn, *call["args"], **call["kwargs"])
-                value = to_plain(raw)
-            except _SoftTimeout:
-                value = {"__timeout__": job["call_timeout_s"]}
-                timed_out[name] = job["call_timeout_s"]
-            except BaseException as exc:  # noqa: BLE001
-                value = describe(exc)
-        send("result", id=call["id"], value=value, refs=sorted(called))
-    send("done", stdout=stdout.getvalue()[-4000:], stdout_chars=stdout.total,
-         stderr=stderr.getvalue()[-4000:], stderr_chars=stderr.total)
-    os._exit(0)  # skip anything the student registered with atexit
-
-
-if __name__ == "__main__":
-    _child_main()
+            problem = f"an unexpected {kind!r} line" if kind else "a line that is not an event"
+        if problem:
+            return events, problem
+        events.append(m)
+    if truncated:
+        return events, None
+    return events, None
