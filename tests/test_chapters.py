@@ -18,7 +18,7 @@ from utils.paths import LABS_DIR, NOTEBOOKS_DIR, REPO_ROOT, SOLUTIONS_DIR
 CHAPTERS = report.discover()
 UTILS = REPO_ROOT / "utils"
 CORE = {"paths", "device", "bench", "metrics", "data", "models", "validation", "plots", "report",
-        "nbtools", "notebook_setup"}
+        "nbtools", "notebook_setup", "pytest_plugin"}
 MODEL = {"llama"}
 
 

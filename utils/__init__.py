@@ -1,23 +1,30 @@
 """Shared reference implementations for the LLM inference-acceleration course.
 
-Notebooks and labs import from here and never paste this code. One module per concern:
+Notebooks and labs import from here and never paste this code. Three layers, one import rule:
 
-- ``utils.paths``     repository-relative paths (no dependence on the working directory)
-- ``utils.device``    device choice and clear errors for missing GPUs or optional packages
-- ``utils.bench``     timing (torch.utils.benchmark), peak memory, tokens/s, machine report
-- ``utils.metrics``   perplexity, next-token agreement and KL, embedding cosine similarity
-- ``utils.plots``     matplotlib helpers every chapter reuses
-- ``utils.data``      the course corpus and its train/validation split
-- ``utils.models``    the course's Llama models, MiniLM, and their training recipe
-- ``utils.roofline``  chapter 00: machine peaks, arithmetic intensity, memory formulas
-- ``utils.fusion``    chapter 01: the memory-traffic model of fusion, online softmax, FX passes
-- ``utils.quantization`` chapter 02: affine/NF4/GPTQ quantization, int8 GEMM, KV-cache int8
-- ``utils.report``    ``python -m utils.report``: every chapter's headline measurements
-- ``utils.labs``, ``utils.labs.check``, ``utils.labs.grade``, ``utils.labs.sandbox``, ``utils.labspecs``:
-  the lab system (generate labs from solutions, learner self-checks, the batch autograder)
-- ``utils.nbtools``, ``utils.notebook_setup``: build and execute the notebooks
+1. **core**: chapters may import it; it imports no chapter and not the course model.
+   ``paths`` (repository-relative paths), ``device`` (device choice, clear errors for a missing
+   GPU or package), ``bench`` (timing with ``torch.utils.benchmark``, memory, bandwidth, CPU
+   flags and what the kernels can use of them, the thread policy), ``metrics`` (perplexity,
+   agreement, KL, cosine), ``data`` (corpus, splits, token windows), ``models`` (loading,
+   generation, finding and replacing linear layers, weight bytes, the training recipe),
+   ``validation`` (argument checks with one wording), ``plots``, ``report``
+   (``python -m utils.report``, which finds chapters itself), ``nbtools`` and ``notebook_setup``
+   (building and running notebooks), ``pytest_plugin`` (the test run's thread and ISA policy).
+2. **the course model**: ``llama``, the course's Llama in one readable file (config, RMSNorm,
+   RoPE, decoder block, static KV cache); it imports core only.
+3. **one module per chapter**, named after its technique (``roofline`` 00, ``fusion`` 01,
+   ``quantization`` 02, then ``pruning``, ``distillation``, ``lowrank``, ``kvcache``,
+   ``parallel``, ``export``, ``triton_kernels``, ``capstone``). A chapter module assigns
+   ``CHAPTER = "NN"`` and defines ``report_rows(quick=False)``; it imports core and ``llama``
+   only (the capstone alone may import other chapters). Optional packages import where used.
 
-Importing ``utils`` changes no global setting.
+The lab system is its own subpackage, ``utils.labs`` (spec, self-check, generator, grader,
+sandbox); it imports core only, and its lab specs (``utils/labs/specs``) are the one bridge to
+chapter modules. ``tests/test_chapters.py`` enforces the rule.
+
+Nothing happens at import: importing any module here changes no global setting (threads,
+dtypes, registries); notebooks set threads explicitly in their set-up cell.
 """
 
 __version__ = "0.1.0"
