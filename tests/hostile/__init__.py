@@ -192,7 +192,7 @@ CASES = {
                                                  MONKEYPATCH), 0,
                            ["not implemented: the stub still raises NotImplementedError"]),
     "forged_score_file": (lambda: _insert_after(_blank(), "from utils.labs.check import check",
-                                                FORGE), 0, ["not implemented"]),
+                                                FORGE), 0, ["result channel"]),
     "calls_reference": (lambda: _replace_body(_solution(), "kv_cache_bytes_gqa", REFERENCE_KV),
                         9, ["reference implementation (utils.roofline.kv_cache_bytes)"]),
     "calls_reference_obfuscated": (lambda: _replace_body(_solution(), "matmul_intensity",

@@ -38,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from utils.labs.sandbox import SandboxUnavailable, require_sandbox, run_job, to_plain
+from utils.labs.sandbox import (STARTUP_S, SandboxUnavailable, require_sandbox, run_job,
+                                to_plain)
 from utils.labs.sandbox_child import REFERENCE_ERROR
 from utils.labs.spec import Case, Exercise, LabSpec, load_spec
 from utils.notebook_setup import SETUP_CELL
@@ -334,9 +335,11 @@ def _case_reason(outcome: dict, gc: GradedCase) -> tuple[str | None, str | None]
         return (f"not run: an earlier case of this function timed out after "
                 f"{float(error['seconds']):g} s"), None
     if REFERENCE_ERROR in error.get("bases", ()) or error.get("name") == REFERENCE_ERROR:
-        called = next((r for r in gc.exercise.references if r in error.get("message", "")),
-                      "a reference implementation")
-        return f"called {called}, which is disabled while grading", called
+        message = error.get("message", "")
+        called = next((r for r in gc.exercise.references if r in message),
+                      message.split(" ", 1)[0].strip("'\"")[:120] or "a reference")
+        return (f"calls the course's reference implementation ({called}), which is disabled "
+                "while grading"), called
     got = {"__raised__": error["name"], "__bases__": error["bases"],
            "message": error["message"]}
     if gc.case.raises:
@@ -364,7 +367,8 @@ def _process_end(result) -> str:
 
 
 def grade_file(path: str | Path, spec: LabSpec, cases: list[GradedCase], *,
-               student: str | None = None, trusted: bool = False) -> dict:
+               student: str | None = None, trusted: bool = False,
+               startup_s: float = STARTUP_S) -> dict:
     """Grade one submission; never raises for anything inside the submission (``GradingError``
     when the sandbox itself cannot start)."""
     path = Path(path)
@@ -386,7 +390,7 @@ def grade_file(path: str | Path, spec: LabSpec, cases: list[GradedCase], *,
                 notes.add(f"the notebook has {len(run)} non-empty code cells; only the first "
                           f"{MAX_CODE_CELLS} were run")
                 run = run[:MAX_CODE_CELLS]
-            results = _run(run, spec, cases, report, notes, trusted)
+            results = _run(run, spec, cases, report, notes, trusted, startup_s)
             static = bounded_static_hits([c.source for c in run], spec.exercises, notes)
         except (GradingError, SandboxUnavailable):
             raise
@@ -400,7 +404,7 @@ def grade_file(path: str | Path, spec: LabSpec, cases: list[GradedCase], *,
 
 
 def _run(cells: list[NotebookCell], spec: LabSpec, cases: list[GradedCase], report: dict,
-         notes: Notes, trusted: bool) -> dict:
+         notes: Notes, trusted: bool, startup_s: float) -> dict:
     references = sorted({r for e in spec.exercises for r in e.references})
     labels = {c.number: c.label for c in cells}
     pending = [_call(gc) for gc in cases]
@@ -408,18 +412,18 @@ def _run(cells: list[NotebookCell], spec: LabSpec, cases: list[GradedCase], repo
     results: dict[str, dict] = {}
     ipython = any(needs_ipython(c.source) for c in cells)
     # every run of one submission together, on the parent's clock
-    deadline = time.monotonic() + 2 * spec.timeout_s
+    deadline = time.monotonic() + 2 * spec.timeout_s + startup_s
     for _ in range(1 + MAX_RERUNS):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
-        job = {"repo_root": str(REPO_ROOT),
+        job = {"repo_root": str(REPO_ROOT), "lab": spec.lab,
                "cells": [[c.number, c.source] for c in cells if c.number not in skip],
                "calls": pending, "references": references, "preimport": list(spec.preimport),
                "ipython": ipython, "cell_timeout_s": spec.cell_timeout_s,
                "call_timeout_s": spec.call_timeout_s}
         run = run_job(job, timeout_s=min(spec.timeout_s, remaining), memory_mb=spec.memory_mb,
-                      trusted=trusted)
+                      trusted=trusted, startup_s=startup_s)
         if not run.ready:
             raise GradingError(f"the sandbox did not start (exit code {run.returncode}); "
                                f"its output:\n{run.output[-3000:]}")
@@ -537,7 +541,8 @@ def _score(spec: LabSpec, cases: list[GradedCase], results: dict, static: dict,
 # --------------------------------------------------------------------------- a batch
 
 def grade(lab: str, paths: list[str | Path], *, jobs: int | None = None,
-          private: str | Path | None = None, trusted: bool = False, **limits) -> list[dict]:
+          private: str | Path | None = None, trusted: bool = False,
+          startup_s: float = STARTUP_S, **limits) -> list[dict]:
     """Grade several submissions in parallel (one sandbox each); reports in input order.
     ``limits`` override the spec's (``timeout_s``, ``cell_timeout_s``, ...). Without a sandbox
     ``SandboxUnavailable`` (what to install), unless ``trusted``."""
@@ -554,7 +559,8 @@ def grade(lab: str, paths: list[str | Path], *, jobs: int | None = None,
     jobs = jobs or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(lambda pn: grade_file(pn[0], spec, cases, student=pn[1],
-                                                   trusted=trusted), zip(paths, names)))
+                                                   trusted=trusted, startup_s=startup_s),
+                             zip(paths, names)))
 
 
 def safe_text(text: str) -> str:
@@ -683,7 +689,8 @@ def _output_path(parser, value: Path | None, flag: str) -> None:
         parser.error(f"{flag}: the folder {str(value.parent)!r} does not exist")
 
 
-def main(argv=None) -> int:
+def main(argv=None, **limits) -> int:
+    """The command line; ``limits`` (Python callers: tests) override the spec's limits."""
     parser = argparse.ArgumentParser(prog="python -m utils.labs grade", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("lab", help="lab id, e.g. lab00")
@@ -720,7 +727,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         reports = grade(args.lab, files, jobs=args.jobs, private=args.private,
-                        trusted=args.trusted)
+                        trusted=args.trusted, **limits)
     except SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

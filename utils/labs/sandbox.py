@@ -155,7 +155,7 @@ CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.
 UTILS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(UTILS_DIR)
 WORKDIR = "/tmp/work"  # the submission's private writable folder, inside the sandbox
-STARTUP_S = 60.0  # wall clock allowed on top of the spec's limit for the trusted start-up
+STARTUP_S = 30.0  # wall clock allowed on top of the spec's limit for the trusted start-up
 
 
 class SandboxUnavailable(RuntimeError):
@@ -366,11 +366,12 @@ def child_env(workdir: str) -> dict[str, str]:
 
 
 def run_job(job: dict, *, timeout_s: float, memory_mb: int, cpu_s: float | None = None,
-            trusted: bool = False, output_cap: int = 64 * 1024,
+            trusted: bool = False, startup_s: float = STARTUP_S, output_cap: int = 64 * 1024,
             result_cap: int = 16 * 1024 * 1024) -> SandboxResult:
     """Run ``job`` (see the module docstring) in a fresh sandbox (``trusted``: a plain process);
     never raises for anything the student's code does. ``timeout_s`` is the student's wall
-    clock; the parent adds ``STARTUP_S`` for the trusted start-up and counts from its own clock.
+    clock; the parent adds ``startup_s`` for the trusted start-up (importing torch) and counts
+    from its own clock only.
     ``SandboxUnavailable`` when no sandbox can start and ``trusted`` is false."""
     if not trusted:
         require_sandbox()
@@ -379,7 +380,7 @@ def run_job(job: dict, *, timeout_s: float, memory_mb: int, cpu_s: float | None 
         workdir = os.path.realpath(tmpdir) if trusted else WORKDIR
         read_fd, write_fd = os.pipe()
         payload = dict(job, result_fd=write_fd, workdir=workdir, sandbox=result.sandbox,
-                       limits={"cpu_s": int(math.ceil(cpu_s or timeout_s + STARTUP_S)) + 1,
+                       limits={"cpu_s": int(math.ceil(cpu_s or timeout_s + startup_s)) + 1,
                                "memory_mb": int(memory_mb), "fsize_mb": 16})
         argv = [sys.executable, "-I", CHILD]
         seccomp_fd, fds = None, [write_fd]
@@ -407,7 +408,7 @@ def run_job(job: dict, *, timeout_s: float, memory_mb: int, cpu_s: float | None 
         writer = threading.Thread(target=_feed, args=(proc, json.dumps(payload).encode()),
                                   daemon=True)
         writer.start()
-        deadline = start + timeout_s + STARTUP_S  # the parent's clock only
+        deadline = start + timeout_s + startup_s  # the parent's clock only
         while True:
             try:
                 proc.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))

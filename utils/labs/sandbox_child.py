@@ -13,8 +13,8 @@ this process's memory is the student's once their first cell runs; nothing here 
 - the course's reference implementations (``references``) are disabled here before any student
   code runs: a Python reference's code object is swapped in place (every alias, a spec helper or
   a kept original, runs the stub), so calling it raises ``ReferenceImplementationCalled``;
-  references that are not Python functions (``torch.softmax``) are wrapped and calls from
-  student code are recorded;
+  references that are not Python functions (``torch.softmax``) are wrapped and every call
+  made while the learner's function runs is recorded;
 - the audit hook and resource limits (``install_audit_hook``, ``set_limits``) are the second
   line, for the trusted mode without bubblewrap: no writes outside the working folder (including
   the ``dir_fd`` and descriptor forms), no new processes (``_posixsubprocess`` and the pidfd calls
@@ -142,8 +142,8 @@ def disable_references(references, trusted_roots: tuple[str, ...]) -> tuple[set[
             target = getattr(module, attr)
         except Exception:  # noqa: BLE001 - a missing reference: nothing to disable
             continue
-        if isinstance(target, types.FunctionType) and not target.__code__.co_freevars:
-            target.__code__ = _closure_free_stub(dotted, target.__code__.co_name)
+        if isinstance(target, types.FunctionType):
+            disable_function(target, dotted)
             disabled.add(dotted)
         elif callable(target):
             wrapped[dotted] = _recording_wrapper(dotted, target, trusted_roots)
@@ -151,14 +151,41 @@ def disable_references(references, trusted_roots: tuple[str, ...]) -> tuple[set[
     return disabled, wrapped
 
 
-def _closure_free_stub(dotted: str, name: str):
-    source = (f"def {name}(*args, **kwargs):\n"
-              f"    raise __import__('builtins').__dict__.get('{REFERENCE_ERROR}', "
+def disable_function(function, dotted: str) -> None:
+    """Swap ``function``'s code object, in place, for one raising
+    ``ReferenceImplementationCalled`` (with as many free variables as the original, so that a
+    closure can take it too)."""
+    code = function.__code__
+    free = [f"f{i}" for i in range(len(code.co_freevars))]
+    body = "".join(f"    {v} = None\n" for v in free)
+    uses = "".join(f"        {v}\n" for v in free)
+    source = (f"def _factory():\n{body}"
+              f"    def disabled(*args, **kwargs):\n{uses}"
+              f"        raise __import__('builtins').__dict__.get('{REFERENCE_ERROR}', "
               f"RuntimeError)({dotted!r} + ' is the course reference implementation; it is "
-              f"disabled while grading (write the answer yourself)')\n")
+              f"disabled while grading (write the answer yourself)')\n"
+              f"    return disabled\n")
     namespace: dict = {}
     exec(compile(source, f"<disabled {dotted}>", "exec"), namespace)
-    return namespace[name].__code__
+    function.__code__ = namespace["_factory"]().__code__
+
+
+def disable_spec_expected(lab: str | None) -> set[str]:
+    """The lab spec's own ``expected`` functions compute the answers (some without calling a
+    listed reference): disabled too, so that a submission cannot call them instead."""
+    import types
+
+    if not lab:
+        return set()
+    from utils.labs.spec import load_spec
+
+    disabled = set()
+    for exercise in load_spec(lab).exercises:
+        if isinstance(exercise.expected, types.FunctionType):
+            name = f"utils.labs.specs.{lab}:expected({exercise.name})"
+            disable_function(exercise.expected, name)
+            disabled.add(name)
+    return disabled
 
 
 class CallRecord:
@@ -173,12 +200,14 @@ RECORD = CallRecord()
 
 
 def _recording_wrapper(dotted, original, trusted_roots):
-    getframe, record = sys._getframe, RECORD
+    """Records every call made while the learner's function runs, whoever the caller (the
+    learner's code, a spec helper, an adapter): the recording lives in this process, so it is
+    the weaker check; Python references are disabled instead."""
+    record, append = RECORD, list.append
 
     def tripwire(*args, **kwargs):
-        filename = getframe(1).f_code.co_filename
-        if record.active and not filename.startswith(trusted_roots):
-            record.names.append(dotted)
+        if record.active:
+            append(record.names, dotted)
         return original(*args, **kwargs)
 
     tripwire.__name__ = getattr(original, "__name__", dotted.rpartition(".")[2])
@@ -534,6 +563,7 @@ def main() -> None:  # pragma: no cover - runs in the sandboxed process (its pie
     adapters = load_adapters(job["calls"])
     roots = trusted_roots()
     disable_references(job.get("references", []), roots)
+    disable_spec_expected(job.get("lab"))
     limiter = Limiter()
     remove_dangerous_functions()
     install_audit_hook(job["workdir"], roots)
