@@ -1,13 +1,13 @@
-"""The batch autograder: full marks for solutions, zero for blank labs, hostile submissions cost
-only what they broke, determinism, the CLI's CSV/JSON, and the sandbox's plain-value channel."""
+"""The batch autograder: full marks for every lab's solution, zero for every blank lab, grading
+twice gives the same results, reading and scanning notebooks, the CLI's CSV/JSON and its errors.
+Hostile submissions and the sandbox itself: tests/test_sandbox.py."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
-import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,17 +16,10 @@ from utils.labs import grade as grading
 from utils.labs.grade import GradingError, grade, read_code_cells, static_reference_hits
 from utils.labs.spec import Case, all_specs, load_spec
 from utils.paths import LABS_DIR, REPO_ROOT, SOLUTIONS_DIR
-from utils.labs.sandbox import run_job, to_plain
+from utils.labs.sandbox import run_job, sandbox_problem, to_plain
 
-FAST = {"timeout_s": 15, "cell_timeout_s": 2, "call_timeout_s": 1}  # hostile code hits limits
-
-
-def _hostile():
-    path = Path(__file__).parent / "hostile" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("hostile_submissions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# solutions and blank labs are trusted: where bubblewrap is missing they run without it
+TRUSTED = sandbox_problem() is not None
 
 
 # --------------------------------------------------------------------------- plain values
@@ -88,8 +81,24 @@ def test_read_code_cells_reports_what_is_wrong(tmp_path):
     assert read_code_cells(bad) == ["a = 1\nb", ""]
 
 
-def test_ipython_magics_become_no_ops():
-    assert "get_ipython()" in grading.to_python("%time x = 1\n!ls")
+def test_cells_are_numbered_as_in_the_notebook(tmp_path):
+    nb = tmp_path / "nb.ipynb"
+    nb.write_text(json.dumps({"cells": [
+        {"cell_type": "markdown", "source": "# title"},
+        {"cell_type": "code", "source": "a = 1", "execution_count": 4},
+        {"cell_type": "raw", "source": "x"},
+        {"cell_type": "code", "source": "b = 2", "execution_count": None}]}))
+    cells = grading.read_cells(nb)
+    assert [(c.number, c.label) for c in cells] == [(2, "cell 2 (In [4])"), (4, "cell 4")]
+
+
+def test_static_scan_is_bounded_and_never_raises():
+    exercise = load_spec("lab00").exercise("kv_cache_bytes_gqa")
+    notes = grading.Notes()
+    assert grading.bounded_static_hits(["-" * 100_000 + "1", "%time x\nimport os"],
+                                       [exercise], notes) == {"kv_cache_bytes_gqa": []}
+    assert grading.bounded_static_hits(["x = 1\n" * 100_000], [exercise], notes) == {}
+    assert any("static scan" in n for n in notes.as_list())
 
 
 @pytest.mark.parametrize("source, hit", [
@@ -119,12 +128,14 @@ def test_static_scan_finds_calls_to_the_reference(source, hit):
 def reference_reports():
     reports = {}
     for spec in all_specs():  # the solution and the blank lab side by side, in parallel
-        for report in grade(spec.lab, [SOLUTIONS_DIR / spec.notebook, LABS_DIR / spec.notebook]):
+        for report in grade(spec.lab, [SOLUTIONS_DIR / spec.notebook, LABS_DIR / spec.notebook],
+                            jobs=2, trusted=TRUSTED):
             reports[(spec.lab, Path(report["file"]).parent.name)] = report
     return reports
 
 
 def test_every_solution_scores_full_marks(reference_reports):
+    assert {lab for lab, _ in reference_reports} == {s.lab for s in all_specs()}
     for (lab, kind), report in reference_reports.items():
         if kind == "solutions":
             lost = [x for e in report["exercises"].values() for x in e["lost"]]
@@ -139,60 +150,18 @@ def test_every_blank_lab_scores_zero_with_reasons(reference_reports):
             for exercise in report["exercises"].values():
                 assert exercise["points"] == 0 and exercise["lost"]
                 assert all(x["reason"] for x in exercise["lost"])
+            assert grading.summary_note(report).startswith("no points: ")
 
 
-def test_grading_is_deterministic(reference_reports):
-    again = grade("lab00", [SOLUTIONS_DIR / "lab00_measuring_inference.ipynb",
-                            LABS_DIR / "lab00_measuring_inference.ipynb"])
-    for report in again:
-        kind = Path(report["file"]).parent.name
-        assert report["exercises"] == reference_reports[("lab00", kind)]["exercises"]
-
-
-# --------------------------------------------------------------------------- hostile submissions
-
-@pytest.fixture(scope="module")
-def hostile_reports(tmp_path_factory):
-    hostile = _hostile()
-    folder = tmp_path_factory.mktemp("hostile")
-    repo_grades = REPO_ROOT / "grades_forged_by_a_student.json"
-    expected = hostile.build_all(folder, repo_grades)
-    reports = grade("lab00", sorted(folder.glob("*.ipynb")), jobs=2, **FAST)
-    assert not repo_grades.exists(), "a submission wrote into the repository"
-    return expected, {r["student"]: r for r in reports}
-
-
-def test_every_attack_is_in_the_hostile_set():
-    names = set(_hostile().CASES) | set(_hostile().RAW)
-    for attack in ("eq_always_true", "sys_exit_cell", "os_exit_cell", "endless_loop_in_function",
-                   "endless_loop_unstoppable", "big_allocation_cell", "print_flood", "malformed",
-                   "truncated", "deleted_cell", "duplicated_cells", "monkeypatch_checks",
-                   "forged_score_file", "calls_reference"):
-        assert attack in names
-
-
-@pytest.mark.parametrize("name", sorted(set(_hostile().CASES) | set(_hostile().RAW)))
-def test_hostile_submission_costs_only_what_it_broke(hostile_reports, name):
-    expected, reports = hostile_reports
-    total, fragments = expected[name]
-    report = reports[name]
-    text = json.dumps(report)
-    lost = [(n, x["reason"]) for n, e in report["exercises"].items() for x in e["lost"]]
-    assert math.isclose(report["total"], total), (report["total"], lost, report["notes"])
-    for fragment in fragments:
-        assert fragment in text, (fragment, lost, report["notes"])
-
-
-def test_print_flood_is_capped(hostile_reports):
-    report = hostile_reports[1]["print_flood"]
-    assert report["output"]["stdout_chars"] > 5_000_000
-    assert len(report["output"]["stdout_head"]) <= 500
-
-
-def test_wrong_mcq_reason_does_not_reveal_the_answer(hostile_reports):
-    reasons = [x["reason"] for x in
-               hostile_reports[1]["wrong_mcq"]["exercises"]["ANSWER_DECODE_BOUND"]["lost"]]
-    assert reasons and not any("'b'" in r for r in reasons)
+def test_grading_twice_gives_identical_results(reference_reports):
+    for spec in all_specs():
+        again = grade(spec.lab, [SOLUTIONS_DIR / spec.notebook, LABS_DIR / spec.notebook],
+                      jobs=2, trusted=TRUSTED)
+        for report in again:
+            kind = Path(report["file"]).parent.name
+            first = reference_reports[(spec.lab, kind)]
+            assert report["exercises"] == first["exercises"], spec.lab
+            assert report["notes"] == first["notes"]
 
 
 # --------------------------------------------------------------------------- CLI, errors, private
@@ -204,12 +173,16 @@ def test_cli_writes_csv_and_json(tmp_path, capsys):
     (tmp_path / "bob.ipynb").write_bytes((LABS_DIR / "lab00_measuring_inference.ipynb")
                                          .read_bytes())
     out, js = tmp_path / "grades.csv", tmp_path / "grades.json"
-    assert grading.main(["lab00", str(tmp_path), "--out", str(out), "--json", str(js)]) == 0
+    (tmp_path / "carol.ipynb").write_bytes(b"{this is not json")
+    args = ["lab00", str(tmp_path), "--out", str(out), "--json", str(js), "--jobs", "2"]
+    assert grading.main(args + (["--trusted"] if TRUSTED else [])) == 0
     rows = list(csv.DictReader(out.open()))
-    assert [r["student"] for r in rows] == ["alice", "bob"]
-    assert rows[0]["total"] == "12" and rows[1]["total"] == "0"
-    assert set(rows[0]) == {"student", "total", "max", *(e.name for e in
-                                                         load_spec("lab00").exercises)}
+    assert [r["student"] for r in rows] == ["alice", "bob", "carol"]
+    assert rows[0]["total"] == "12" and rows[1]["total"] == "0" and rows[2]["total"] == "0"
+    assert set(rows[0]) == {"student", "total", "max", "notes",
+                            *(e.name for e in load_spec("lab00").exercises)}
+    assert rows[0]["notes"] == ""
+    assert "NotImplementedError" in rows[1]["notes"] and "not a valid notebook" in rows[2]["notes"]
     reports = json.loads(js.read_text())
     assert reports[1]["exercises"]["kv_cache_bytes_gqa"]["lost"][0]["reason"]
     assert "alice" in capsys.readouterr().out
@@ -224,6 +197,27 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     private.write_text("CASES = {'no_such_exercise': []}\n")
     with pytest.raises(ValueError, match="unknown exercises"):
         grading.prepare(load_spec("lab00"), private)
+    with pytest.raises(ValueError, match="jobs must be a positive int"):
+        grade("lab00", [], jobs=0, trusted=True)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--jobs", "0"], "--jobs"), (["--private", "/no/such/cases.py"], "--private"),
+    (["--out", "/no/such/folder/g.csv"], "--out"), (["--json", "."], "--json"),
+])
+def test_cli_errors_name_the_argument(extra, fragment, capsys):
+    with pytest.raises(SystemExit) as stop:
+        grading.main(["lab00", str(SOLUTIONS_DIR / "lab00_measuring_inference.ipynb"), *extra])
+    assert stop.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_cli_errors_for_a_bad_lab_or_path(capsys, tmp_path):
+    for argv, fragment in ((["lab98", str(tmp_path)], "lab: no grading spec"),
+                           (["lab00", str(tmp_path / "nope.ipynb")], "paths: no such file"),
+                           (["lab00", str(tmp_path)], "paths: no .ipynb files")):
+        with pytest.raises(SystemExit):
+            grading.main(argv)
+        assert fragment in capsys.readouterr().err
 
 
 def test_private_cases_are_added_to_the_hidden_ones(tmp_path):
@@ -235,7 +229,7 @@ def test_private_cases_are_added_to_the_hidden_ones(tmp_path):
     _, more = grading.prepare(spec, private)
     count = lambda cases: sum(c.exercise.name == "gemv_intensity" for c in cases)  # noqa: E731
     assert count(more) == count(base_cases) + 1
-    report = grading.grade_file(SOLUTIONS_DIR / spec.notebook, spec, more)
+    report = grading.grade_file(SOLUTIONS_DIR / spec.notebook, spec, more, trusted=TRUSTED)
     assert report["exercises"]["gemv_intensity"]["points"] == 1
 
 
@@ -245,10 +239,10 @@ def test_a_sandbox_that_cannot_start_is_the_graders_error():
     spec = dataclasses.replace(load_spec("lab00"), preimport=("no_such_module_for_this_test",))
     _, cases = grading.prepare(spec)
     with pytest.raises(GradingError, match="did not start"):
-        grading.grade_file(SOLUTIONS_DIR / spec.notebook, spec, cases[:1])
+        grading.grade_file(SOLUTIONS_DIR / spec.notebook, spec, cases[:1], trusted=TRUSTED)
 
 
-def test_forged_channel_lines_are_ignored():
+def test_forged_channel_lines_count_against_the_submission():
     job = {"repo_root": str(REPO_ROOT), "references": [], "preimport": [],
            "cell_timeout_s": 2, "call_timeout_s": 1,
            "cells": [[1, "import os\nfor fd in range(3, 40):\n    try:\n        os.write(fd, "
@@ -256,9 +250,37 @@ def test_forged_channel_lines_are_ignored():
                          "    except OSError:\n        pass\ndef f():\n    return 2"]],
            "calls": [{"id": "x", "name": "f", "kind": "function", "adapter": None, "args": [],
                       "kwargs": {}}]}
-    result = run_job(job, timeout_s=10, memory_mb=1024)
-    values = [m["value"] for m in result.messages if m["type"] == "result"]
-    assert values == [2] and result.done
+    result = run_job(job, timeout_s=10, memory_mb=1024, trusted=TRUSTED)
+    assert result.ready and result.tampered and "unexpected 'result'" in result.tampered
+    assert [m for m in result.messages if m["type"] == "result"] == []
+
+
+def test_output_fields_are_safe_for_spreadsheets_and_consoles():
+    assert grading.csv_field("=1+1") == "'=1+1" and grading.csv_field("-x") == "'-x"
+    assert grading.csv_field("\tx") == "'\tx" and grading.csv_field("alice") == "alice"
+    assert grading.csv_field(3) == 3
+    assert grading.safe_text("a\nb\x1b[31m") == "a\\nb\\x1b[31m"
+    assert grading.safe_text(os.fsdecode(b"\xe9l\xe8ve")) == "\\xe9l\\xe8ve"
+    assert grading.safe_text("\u202eevil") == "\\u202eevil"
+
+
+def test_student_names_are_unique_and_path_qualified(tmp_path):
+    paths = [tmp_path / "x" / "sub" / "alice.ipynb", tmp_path / "y" / "sub" / "alice.ipynb",
+             tmp_path / "bob.ipynb", tmp_path / "bob.ipynb"]
+    assert grading.student_names(paths) == ["x/sub/alice", "y/sub/alice", "bob", "bob#2"]
+
+
+def test_outputs_are_written_atomically_over_anything(tmp_path):
+    report = {"student": "=evil", "exercises": {"a": {"points": 1.0, "lost": []}}, "total": 1.0,
+              "max_points": 2, "notes": ["+note"]}
+    fifo = tmp_path / "grades.csv"
+    os.mkfifo(fifo)
+    grading.write_csv([report], fifo)
+    grading.write_json([report], tmp_path / "grades.json")
+    assert fifo.is_file() and not fifo.is_fifo()
+    assert list(csv.reader(fifo.open())) == [["student", "a", "total", "max", "notes"],
+                                             ["'=evil", "1", "1", "2", "'+note"]]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_case_describe_and_points():

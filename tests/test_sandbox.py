@@ -392,3 +392,24 @@ def test_ipython_rewrite_happens_in_the_child():
     assert "get_ipython()" in sandbox_child.to_python("%time x = 1\n!ls")
     assert sandbox_child.to_python("x = 1") == "x = 1"
     assert grading.needs_ipython("a = 1\n  %time b") and not grading.needs_ipython("a % b")
+
+
+def test_print_flood_is_capped(batch):
+    report = batch["reports"]["print_flood"]
+    assert report["output"]["stdout_chars"] > 1_000_000
+    assert len(report["output"]["stdout_head"]) <= 500
+
+
+def test_wrong_mcq_reason_does_not_reveal_the_answer(batch):
+    if batch["lab"] != "lab00":
+        pytest.skip("lab00's multiple-choice item")
+    reasons = [x["reason"] for x in
+               batch["reports"]["wrong_mcq"]["exercises"]["ANSWER_DECODE_BOUND"]["lost"]]
+    assert reasons and not any("'b'" in r for r in reasons)
+
+
+def test_every_attack_class_is_in_the_batch(batch):
+    for attack in ("escape_processes", "writes_outside", "reads_secrets", "forged_channel",
+                   "spec_expected_helpers", "marker_return_values", "parser_memory_error",
+                   "many_magics", "many_error_cells", "print_flood", "fake_pause_then_hang"):
+        assert attack in batch["reports"]

@@ -169,8 +169,8 @@ def static_reference_hits(cells: list[str], exercise: Exercise) -> list[str]:
     for source in cells:
         try:
             trees.append(ast.parse(source))
-        except (SyntaxError, ValueError, RecursionError):
-            continue
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue  # that cell only: the others are still scanned
     functions, assigned, aliases = {}, [], {}
     for tree in trees:
         aliases.update(_aliases(tree))
@@ -592,7 +592,8 @@ def student_names(paths: list[Path]) -> list[str]:
 
     for _ in range(64):
         names = [name(i) for i in range(len(paths))]
-        clash = [i for i, n in enumerate(names) if names.count(n) > 1
+        clash = [i for i, n in enumerate(names)
+                 if any(m == n and resolved[j] != resolved[i] for j, m in enumerate(names))
                  and depth[i] < len(resolved[i].parent.parts)]
         if not clash:
             break
