@@ -1,9 +1,11 @@
-"""``python -m utils.labs generate|grade ...``: one entry point for the lab system's commands."""
+"""``python -m utils.labs generate|grade|gradescope ...``: one entry point for the lab system's
+commands."""
 
 import importlib
 import sys
 
-COMMANDS = {"generate": "utils.labs.generate", "grade": "utils.labs.grade"}
+COMMANDS = {"generate": "utils.labs.generate", "grade": "utils.labs.grade",
+            "gradescope": "utils.labs.gradescope"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -256,13 +256,14 @@ def bwrap_command(argv: list[str], env: dict[str, str], seccomp_fd: int | None) 
            "--hostname", "grading", "--cap-drop", "ALL"]
     if _bwrap_supports("--disable-userns"):
         cmd.append("--disable-userns")
+    # the private /tmp first, so that a runtime or course folder under /tmp stays visible
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(256 * 2**20), "--tmpfs", "/tmp"]
     for p in _readonly_paths():
         if os.path.islink(p):
             cmd += ["--symlink", os.readlink(p), p]
         else:
             cmd += ["--ro-bind", p, p]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(256 * 2**20), "--tmpfs", "/tmp",
-            "--dir", WORKDIR, "--chdir", WORKDIR, "--clearenv"]
+    cmd += ["--dir", WORKDIR, "--chdir", WORKDIR, "--clearenv"]
     for key, value in env.items():
         cmd += ["--setenv", key, value]
     if seccomp_fd is not None:
