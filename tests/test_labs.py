@@ -155,79 +155,73 @@ def _named(fn, name):
 
 
 def test_check_passes_a_right_answer(capsys):
-    check(_named(_kv_right, "kv_cache_bytes_gqa"))
-    out = capsys.readouterr().out
+    result = check(_named(_kv_right, "kv_cache_bytes_gqa"))
+    out = str(result)
     assert "(3 points)" in out and "4/4 public checks pass" in out and "❌" not in out
+    assert result.ok and (result.passed, result.graded) == (4, 4)
+    assert capsys.readouterr().out == ""  # it returns what it found; Jupyter displays it
+    assert "#2e7d32" in result._repr_html_() and "4/4 public checks pass" in result._repr_html_()
 
 
-def test_check_shows_expected_got_and_hint_for_a_wrong_answer(capsys):
+def test_check_shows_expected_got_and_hint_for_a_wrong_answer():
     def kv_cache_bytes_gqa(num_layers, num_heads, num_kv_heads, hidden_size, seq_len,
                            batch_size=1, bytes_per_value=2):
         head_dim = hidden_size // num_kv_heads  # the classic mistake
         return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_value
 
-    check(kv_cache_bytes_gqa)
-    out = capsys.readouterr().out
+    out = str(check(kv_cache_bytes_gqa))
     assert "❌ case 2 (same with 8 KV heads (GQA)): expected 536870912, got 2147483648" in out
     assert "hint: 2 (K and V)" in out and "Traceback" not in out
 
 
-def test_check_shows_the_learners_exception_as_theirs(capsys):
+def test_check_shows_the_learners_exception_as_theirs():
     def gemv_intensity(d_in, d_out, bytes_per_value=2):
         return helper_that_divides(d_in)
 
     def helper_that_divides(d):
         return d / 0
 
-    check(gemv_intensity)
-    out = capsys.readouterr().out
+    out = str(check(gemv_intensity))
     assert "your code raised ZeroDivisionError: division by zero" in out
     assert "in helper_that_divides" in out and "test_labs.py" in out
     assert "utils/labs/check.py" not in out and "labspecs" not in out and "Traceback" not in out
 
 
-def test_check_says_not_implemented_once_for_a_stub(capsys):
+def test_check_says_not_implemented_once_for_a_stub():
     def matmul_intensity(m, k, n, bytes_per_value=2):
         raise NotImplementedError()
 
-    check(matmul_intensity)
-    out = capsys.readouterr().out
+    out = str(check(matmul_intensity))
     assert out.count("not implemented yet") == 1 and "Traceback" not in out
 
 
-def test_check_is_not_fooled_by_an_object_equal_to_everything(capsys):
+def test_check_is_not_fooled_by_an_object_equal_to_everything():
     class Always:
         def __eq__(self, other):
             return True
 
-    check(_named(lambda *a, **k: Always(), "decode_tokens_per_second"))
-    out = capsys.readouterr().out
+    out = str(check(_named(lambda *a, **k: Always(), "decode_tokens_per_second")))
     assert "✅ case" not in out and "an object of type Always" in out
 
 
-def test_check_never_shows_hidden_cases_or_the_mcq_answer(capsys):
+def test_check_never_shows_hidden_cases_or_the_mcq_answer():
     spec = load_spec("lab00")
     import random
 
     outputs = []
     for answer in "abcd":  # the self-check must say the same whatever the letter
-        check(answer, "ANSWER_DECODE_BOUND")
-        outputs.append(capsys.readouterr().out)
+        outputs.append(str(check(answer, "ANSWER_DECODE_BOUND")))
     assert len(set(outputs)) == 1 and "format checked" in outputs[0]
-    check(_named(_kv_right, "kv_cache_bytes_gqa"))
-    out = capsys.readouterr().out
+    out = str(check(_named(_kv_right, "kv_cache_bytes_gqa")))
     for exercise in spec.exercises:
         for case in exercise.hidden(random.Random(spec.seed)):
             if case.args:
                 assert case.describe() not in out
 
 
-def test_check_handles_misuse_without_a_traceback(capsys):
-    check(lambda: 1)
-    check(3)
-    check(_named(lambda: 1, "no_such_exercise"))
-    check(5, "matmul_intensity")
-    out = capsys.readouterr().out
+def test_check_handles_misuse_without_a_traceback():
+    out = "\n".join(str(check(*args)) for args in [
+        (lambda: 1,), (3,), (_named(lambda: 1, "no_such_exercise"),), (5, "matmul_intensity")])
     assert "no lab exercise is called '<lambda>'" in out
     assert "pass the exercise name for a value" in out
     assert "no lab exercise is called 'no_such_exercise'" in out
@@ -235,7 +229,7 @@ def test_check_handles_misuse_without_a_traceback(capsys):
     assert "Traceback" not in out
 
 
-def test_check_reports_a_broken_spec_as_the_checks_fault(capsys, monkeypatch):
+def test_check_reports_a_broken_spec_as_the_checks_fault(monkeypatch):
     from utils.labs import check as checks
     from utils.labs.spec import Exercise
 
@@ -243,8 +237,7 @@ def test_check_reports_a_broken_spec_as_the_checks_fault(capsys, monkeypatch):
                         expected=lambda *a: 1 / 0, public=(Case((1, 1, 1, 2)),))
     spec = load_spec("lab00")
     monkeypatch.setattr(checks, "find_exercise", lambda obj, name=None: (spec, exercise))
-    check(_named(lambda *a: 1.0, "matmul_intensity"))
-    out = capsys.readouterr().out
+    out = str(check(_named(lambda *a: 1.0, "matmul_intensity")))
     assert "the check itself failed" in out and "Traceback" not in out
 
 
