@@ -237,10 +237,10 @@ for fd in range(3, 64):
         os.write(fd, line)
     except OSError:
         pass
-while True:
+import time
+while True:  # holds its slot (asleep, so that the test costs no CPU) until the grader kills it
     try:
-        while True:
-            pass
+        time.sleep(1000)
     except BaseException:
         pass
 '''
