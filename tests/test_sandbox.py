@@ -414,3 +414,28 @@ def test_every_attack_class_is_in_the_batch(batch):
                    "spec_expected_helpers", "marker_return_values", "parser_memory_error",
                    "many_magics", "many_error_cells", "print_flood", "fake_pause_then_hang"):
         assert attack in batch["reports"]
+
+
+def test_run_cells_and_run_calls_send_the_protocol_the_parent_checks():
+    read_fd, write_fd = os.pipe()
+    channel, limiter = sandbox_child.Channel(write_fd), sandbox_child.Limiter()
+    namespace = sandbox_child.new_namespace()
+    cells = [[2, "def f(x):\n    return x * 2"], [5, "1 / 0"], [7, "%time y = 1"]]
+    calls = [{"id": f"f#{i}", "name": "f", "kind": "function", "adapter": None, "args": [i],
+              "kwargs": {}} for i in range(2)]
+    channel.send("ready")
+    sandbox_child.run_cells(cells, namespace, channel, limiter, 2, sandbox._type_name)
+    sandbox_child.run_calls(calls, namespace, {}, channel, limiter, 1, sandbox.to_plain,
+                            sandbox._type_name)
+    channel.send("done")
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 65536):
+        data += chunk
+    os.close(read_fd)
+    events, problem = sandbox.check_protocol(data, [2, 5, 7], ["f#0", "f#1"])
+    assert problem is None
+    ends = [e for e in events if e["type"] == "cell_end"]
+    assert ends[0]["error"] is None and ends[1]["error"]["name"] == "ZeroDivisionError"
+    assert ends[2]["error"] is None  # the magic ran as a no-op
+    assert [e["value"] for e in events if e["type"] == "result"] == [0, 2]

@@ -409,6 +409,15 @@ class FakeIPython:
         return lambda *args, **kwargs: None
 
 
+def new_namespace(builtins_module=None) -> dict:
+    """The cells' globals, as a notebook's: ``__main__``, with a no-op ``get_ipython()``."""
+    namespace = {"__name__": "__main__"}
+    if builtins_module is not None:
+        namespace["__builtins__"] = builtins_module
+    namespace["get_ipython"] = lambda: FakeIPython(namespace)
+    return namespace
+
+
 def to_python(source: str) -> str:
     """IPython syntax (``%magic``, ``!shell``, ``%%cell``) turned into plain Python calling
     ``get_ipython()``; runs here, under the cell's time limit, not in the grader."""
@@ -570,8 +579,7 @@ def main() -> None:  # pragma: no cover - runs in the sandboxed process (its pie
     channel.send("ready", sandbox=job.get("sandbox", "none"))
     stdout, stderr = CappedText(), CappedText()
     sys.stdout, sys.stderr = stdout, stderr
-    namespace = {"__name__": "__main__", "__builtins__": builtins_module}
-    namespace["get_ipython"] = lambda: FakeIPython(namespace)
+    namespace = new_namespace(builtins_module)
     run_cells(job["cells"], namespace, channel, limiter, job["cell_timeout_s"], _type_name)
     run_calls(job["calls"], namespace, adapters, channel, limiter, job["call_timeout_s"],
               to_plain, _type_name)
