@@ -3,9 +3,9 @@
 Fusion does not lower the arithmetic: a fused chain of element-wise operators does exactly the
 FLOPs of the unfused chain. What it removes is memory traffic (each unfused operator reads its
 inputs from memory and writes its output back; a fused kernel reads the chain's inputs once and
-writes its output once) and per-operator overhead (kernel launches, dispatch, allocation). The
-source documents (seed 000, Sec. 4.2) claim the opposite ("fusion lowers computational
-complexity"); the course teaches the traffic model instead and measures it.
+writes its output once) and per-operator overhead (kernel launches, dispatch, allocation). A
+common claim is the opposite ("fusion lowers computational complexity"); the course teaches the
+traffic model instead and measures it.
 
 What is here, each checked against a library where one exists:
 - Byte/FLOP counts of an element-wise chain, unfused vs fused, and the predicted speed-up when

@@ -12,8 +12,8 @@ What is here, each the reference the notebook and lab check against:
   range widened to contain 0 so that real 0 is exactly representable); per tensor, per output
   channel or per group of ``group_size`` input columns (``quantize_tensor``, ``fake_quantize``).
   Inside the range the rounding error is at most s/2; outside it the clipping error is unbounded.
-  Common mistake (seed 001 Sec. 4.1.2): ``round((x - z) / s)`` with a *float* z; and seed 004
-  Sec. 4.2's ``(w/q) * round(w/q)`` is not a quantizer at all (it is quadratic in w).
+  Common mistakes: ``round((x - z) / s)`` with a *float* z; and ``(w/q) * round(w/q)`` is not a
+  quantizer at all (it is quadratic in w).
 - Integer GEMM: int8 x int8 products accumulated in int32, with the zero-point cross terms of
   Jacob et al. 2018, Sec. 2.3, eq. 7, then rescaled by s_a s_b (``int8_gemm``, ``requantize``).
 - Calibration of a clipping range: min-max, percentile, MSE-optimal (``calibrate_range``,
