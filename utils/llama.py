@@ -72,6 +72,22 @@ class LlamaConfig:
                    rope_theta=rope.get("rope_theta") or get("rope_theta", 10000.0))
 
 
+def speed_model_config(hidden_size: int = 1536, num_layers: int = 12) -> LlamaConfig:
+    """The course architecture at a realistic size for *speed* studies (random weights: speed
+    does not depend on their values; quality stays on the trained course models). At the default
+    size, 351M parameters (1.4 GB in fp32, 0.7 GB in bf16): batch-1 decode reads far more than
+    any CPU cache holds, so it is memory-bound as in a real LLM. Build it with
+    ``CourseLlama.from_config(speed_model_config())`` (a few seconds)."""
+    check_positive_int("hidden_size", hidden_size)
+    if hidden_size % 128:
+        raise ValueError(f"hidden_size must be a multiple of 128 (heads of 128), got {hidden_size}")
+    heads = hidden_size // 128
+    return LlamaConfig(vocab_size=32000, hidden_size=hidden_size, num_layers=num_layers,
+                       num_heads=heads, num_kv_heads=max(1, heads // 3) if heads % 3 == 0 else 1,
+                       intermediate_size=hidden_size * 8 // 3 // 256 * 256 or 256,
+                       max_positions=2048)
+
+
 # --------------------------------------------------------------------------- RMSNorm
 
 
