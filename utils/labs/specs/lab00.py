@@ -182,7 +182,7 @@ SPEC = LabSpec(
             name="gemv_intensity", points=1, title="Arithmetic intensity of a decode GEMV",
             expected=_gemv_intensity,
             public=(Case((4096, 4096, 2), label="4096 -> 4096, fp16"),
-                    Case((384, 1536, 4), label="course teacher MLP up-projection, fp32")),
+                    Case((384, 1024, 4), label="course teacher MLP up-projection (384 -> 1024), fp32")),
             hidden=_hidden_gemv,
             references=("utils.roofline.arithmetic_intensity", "utils.roofline.matmul_flops",
                         "utils.roofline.matmul_bytes"),
