@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from utils.labs.sandbox import (STARTUP_S, SandboxUnavailable, require_sandbox, run_job,
-                                to_plain)
+                                sandbox_problem, to_plain)
 from utils.labs.sandbox_child import REFERENCE_ERROR
 from utils.labs.spec import Case, Exercise, LabSpec, load_spec
 from utils.notebook_setup import SETUP_CELL
@@ -545,8 +545,11 @@ def grade(lab: str, paths: list[str | Path], *, jobs: int | None = None,
           startup_s: float = STARTUP_S, **limits) -> list[dict]:
     """Grade several submissions in parallel (one sandbox each); reports in input order.
     ``limits`` override the spec's (``timeout_s``, ``cell_timeout_s``, ...). Without a sandbox
-    ``SandboxUnavailable`` (what to install), unless ``trusted``."""
-    if not trusted:
+    ``SandboxUnavailable`` (what to install), unless ``trusted``: then the submissions run as
+    plain processes (the sandbox is still used where it can start)."""
+    if trusted:
+        trusted = sandbox_problem() is not None
+    else:
         require_sandbox()
     spec = load_spec(lab)
     if limits:
@@ -702,8 +705,8 @@ def main(argv=None, **limits) -> int:
                         "(default: the number of CPU cores)")
     parser.add_argument("--private", type=Path, help="a .py file with extra CASES (and SEED)")
     parser.add_argument("--trusted", action="store_true",
-                        help="the notebooks are trusted (your own): run them without the OS "
-                             "sandbox when bubblewrap is not available")
+                        help="the notebooks are trusted (your own): where bubblewrap is not "
+                             "available, run them without the OS sandbox instead of refusing")
     args = parser.parse_args(argv)
     try:
         load_spec(args.lab)
