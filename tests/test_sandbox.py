@@ -439,3 +439,32 @@ def test_run_cells_and_run_calls_send_the_protocol_the_parent_checks():
     assert ends[0]["error"] is None and ends[1]["error"]["name"] == "ZeroDivisionError"
     assert ends[2]["error"] is None  # the magic ran as a no-op
     assert [e["value"] for e in events if e["type"] == "result"] == [0, 2]
+
+
+def test_second_line_fences_hold_without_the_sandbox(tmp_path):
+    """The audit hook alone (trusted mode, no bubblewrap): dir_fd and descriptor forms of
+    writes, chmod and utime, mkfifo/mknod are refused. Targets are temporary copies."""
+    targets = tmp_path / "targets"
+    (targets / "site").mkdir(parents=True)
+    mate, init, instructor = targets / "mate.ipynb", targets / "init.py", targets / "book.txt"
+    for p in (mate, init, instructor):
+        p.write_text("original\n")
+    instructor.chmod(0o644)
+    before = {p: (p.read_text(), stat.S_IMODE(p.stat().st_mode), p.stat().st_mtime_ns)
+              for p in (mate, init, instructor)}
+    canary = targets / "canary"
+    canary.mkdir()
+    source = attacks.WRITES.format(canary=str(canary), out=str(targets / "grades.csv"),
+                                   classmate=str(mate), utils_init=str(init),
+                                   site=str(targets / "site"), instructor=str(instructor))
+    job = {"repo_root": str(REPO_ROOT), "references": [], "preimport": [], "lab": None,
+           "cell_timeout_s": 5, "call_timeout_s": 1, "cells": [[1, source]], "calls": []}
+    result = sandbox.run_job(job, timeout_s=20, memory_mb=1024, trusted=True)
+    assert result.done and not result.tampered, result.output
+    head = [m for m in result.messages if m["type"] == "done"][0]["stdout"]
+    assert "ESCAPED" not in head and "blocked: dir_fd overwrite" in head, head
+    after = {p: (p.read_text(), stat.S_IMODE(p.stat().st_mode), p.stat().st_mtime_ns)
+             for p in (mate, init, instructor)}
+    assert after == before
+    assert sorted(os.listdir(targets)) == ["book.txt", "canary", "init.py", "mate.ipynb", "site"]
+    assert list(canary.iterdir()) == [] and list((targets / "site").iterdir()) == []

@@ -115,6 +115,15 @@ return kv_cache_bytes(num_layers, num_kv_heads, hidden_size // num_heads, seq_le
                       batch_size, bytes_per_value)
 '''
 
+KEPT_ORIGINAL_SETUP = "import utils.roofline as _R\n_KEEP = _R.kv_cache_bytes  # kept before grading"
+
+KEPT_ORIGINAL = '''
+if hidden_size % num_heads or num_heads % num_kv_heads:
+    raise ValueError("shapes do not divide")
+return _KEEP(num_layers, num_kv_heads, hidden_size // num_heads, seq_len, batch_size,
+             bytes_per_value)
+'''
+
 REFERENCE_OBFUSCATED = '''
 import importlib
 module = importlib.import_module("utils." + "roof" + "line")
@@ -195,6 +204,10 @@ CASES = {
                                                 FORGE), 0, ["result channel"]),
     "calls_reference": (lambda: _replace_body(_solution(), "kv_cache_bytes_gqa", REFERENCE_KV),
                         9, ["reference implementation (utils.roofline.kv_cache_bytes)"]),
+    "calls_kept_original": (lambda: _insert_after(
+        _replace_body(_solution(), "kv_cache_bytes_gqa", KEPT_ORIGINAL),
+        "from utils.labs.check import check", KEPT_ORIGINAL_SETUP), 9,
+        ["reference implementation (utils.roofline.kv_cache_bytes)"]),
     "calls_reference_obfuscated": (lambda: _replace_body(_solution(), "matmul_intensity",
                                                          REFERENCE_OBFUSCATED), 9,
                                    ["reference implementation (utils.roofline."

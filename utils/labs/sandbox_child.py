@@ -333,7 +333,7 @@ def path_is_outside(path, dir_fd, allowed: str) -> bool:
 def install_audit_hook(allowed_root: str, roots: tuple[str, ...]) -> None:
     """The audit hook (cannot be removed) refusing what the sandbox must not do."""
     allowed = os.path.realpath(allowed_root) + os.sep
-    getpid, modules = os.getpid, sys.modules
+    getpid, modules, isdir = os.getpid, sys.modules, os.path.isdir
     guard = threading.local()
     importing_trusted = trusted_import_checker(roots)
     outside = path_is_outside
@@ -346,6 +346,12 @@ def install_audit_hook(allowed_root: str, roots: tuple[str, ...]) -> None:
             if writing and outside(path, None, allowed):
                 raise PermissionError(f"grading sandbox: writing {path!r} is not allowed "
                                       "(only the temporary working directory is writable)")
+            # a descriptor of a folder outside would serve as the dir_fd of a later write,
+            # which the "open" event does not show: no such descriptor, then
+            if not writing and not isinstance(path, int) and outside(path, None, allowed) \
+                    and isdir(path):
+                raise PermissionError(f"grading sandbox: opening the folder {path!r} is not "
+                                      "allowed")
         elif event in _PATH_EVENTS:
             paths, dir_fds = _PATH_EVENTS[event]
             for i, position in enumerate(paths):
