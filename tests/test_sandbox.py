@@ -189,7 +189,7 @@ def test_no_secret_reaches_any_output(batch, capsys):
         for text in texts:
             assert secret not in text and attacks.SECRET_PREFIX not in text
     report = batch["reports"]["reads_secrets"]
-    assert "LEAKS: []" in report["output"]["stdout_head"], report["output"]
+    assert "LEAKS: []" in report.get("output", {}).get("stdout_head", ""), report
 
 
 def test_escapes_were_blocked_not_ignored(batch):
@@ -252,7 +252,7 @@ def test_trusted_mode_grades_without_a_sandbox(monkeypatch, tmp_path):
         assert grading.main(["lab00", str(mine), "--trusted", "--json",
                              str(tmp_path / "g.json")]) == 0
         report = json.loads((tmp_path / "g.json").read_text())[0]
-        assert report["total"] == 12 and report["sandbox"] == "none (trusted)"
+        assert report["total"] == report["max_points"] and report["sandbox"] == "none (trusted)"
     finally:
         sandbox.sandbox_problem.cache_clear()
 

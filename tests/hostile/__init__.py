@@ -1,7 +1,7 @@
 """Hostile lab 00 submissions, built from the master notebook by ``build_all(folder)``.
 
 Each entry: a file name, how to make it from the solution (or the blank lab), the total it must
-score out of 12, and fragments that must appear in its grading report (reasons and notes).
+score (written out of the original 12 points: what it loses), and fragments that must appear in its grading report (reasons and notes).
 They are generated rather than committed so that they follow the master when it changes.
 """
 
@@ -231,7 +231,9 @@ def build_all(folder: Path, repo_grades: Path) -> dict[str, tuple[int, list[str]
     """Write every hostile submission into ``folder``; returns name -> (total, fragments)."""
     folder.mkdir(parents=True, exist_ok=True)
     expected = {}
+    full = SPEC.total_points
     for name, (build, total, fragments) in CASES.items():
+        total = 0 if total == 0 else full - (12 - total)  # totals above: points lost out of 12
         nb = build()
         text = nbformat.writes(nb).replace("REPO_GRADES", repr(str(repo_grades)))
         (folder / f"{name}.ipynb").write_text(text, encoding="utf-8")

@@ -425,8 +425,10 @@ def _run(cells: list[NotebookCell], spec: LabSpec, cases: list[GradedCase], repo
         run = run_job(job, timeout_s=min(spec.timeout_s, remaining), memory_mb=spec.memory_mb,
                       trusted=trusted, startup_s=startup_s)
         if not run.ready:
-            raise GradingError(f"the sandbox did not start (exit code {run.returncode}); "
-                               f"its output:\n{run.output[-3000:]}")
+            _check_start(spec, trusted, startup_s, run)  # GradingError if the sandbox is broken
+            notes.add(f"the submission's events never reached the grader "
+                      f"({_process_end(run)}); nothing after was graded")
+            break
         report["sandbox"] = run.sandbox
         open_item = None
         for m in run.messages:
@@ -480,6 +482,21 @@ def _run(cells: list[NotebookCell], spec: LabSpec, cases: list[GradedCase], repo
             results[call["id"]] = _crashed("not run: the submission kept ending the grading "
                                            "process or ran out of time")
     return results
+
+
+def _check_start(spec: LabSpec, trusted: bool, startup_s: float, failed) -> None:
+    """A run that never said ``ready``: the sandbox is broken (``GradingError``, the batch
+    stops) if a run with no student code fails too; otherwise the submission hid its events
+    (that costs it only)."""
+    probe = run_job({"repo_root": str(REPO_ROOT), "lab": spec.lab, "cells": [], "calls": [],
+                     "references": [], "preimport": list(spec.preimport), "ipython": False,
+                     "cell_timeout_s": spec.cell_timeout_s,
+                     "call_timeout_s": spec.call_timeout_s},
+                    timeout_s=spec.timeout_s, memory_mb=spec.memory_mb, trusted=trusted,
+                    startup_s=startup_s)
+    if not probe.ready:
+        raise GradingError(f"the sandbox did not start (exit code {probe.returncode}); "
+                           f"its output:\n{probe.output[-3000:] or failed.output[-3000:]}")
 
 
 def _crashed(message: str) -> dict:

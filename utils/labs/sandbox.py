@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -379,7 +380,11 @@ def run_job(job: dict, *, timeout_s: float, memory_mb: int, cpu_s: float | None 
     result = SandboxResult(sandbox="none (trusted)" if trusted else "bwrap")
     with tempfile.TemporaryDirectory(prefix="grade-") as tmpdir:
         workdir = os.path.realpath(tmpdir) if trusted else WORKDIR
-        read_fd, write_fd = os.pipe()
+        # a socket, not a pipe: a pipe can be reopened for reading through /proc/self/fd, so
+        # that the submission could drain its own events; a socket cannot be reopened
+        ours, theirs = socket.socketpair()
+        ours.shutdown(socket.SHUT_WR)
+        read_fd, write_fd = ours.detach(), theirs.detach()
         payload = dict(job, result_fd=write_fd, workdir=workdir, sandbox=result.sandbox,
                        limits={"cpu_s": int(math.ceil(cpu_s or timeout_s + startup_s)) + 1,
                                "memory_mb": int(memory_mb), "fsize_mb": 16})
