@@ -1,5 +1,6 @@
-"""Tests of utils.fusion: the traffic model, the three chain runners, softmax variants, folding,
-splitting and the FX passes, each against a library or an unmodified module."""
+"""Tests of utils.fusion: the traffic model, the three chain runners, softmax variants,
+FlashAttention's recurrence (against SDPA), GEMM epilogue traffic, folding, splitting and the FX
+passes, each against a library or an unmodified module."""
 
 import math
 
@@ -75,6 +76,47 @@ def test_compiled_chain_equals_eager_and_shows_one_kernel():
     assert code.count("cpp_fused") >= 1 and "for(" in fu.kernel_source(code).replace(" ", "")
 
 
+def test_tiled_chain_reuses_one_pool_and_skips_it_when_small():
+    g = torch.Generator().manual_seed(0)
+    cols = 1024
+    rows = fu.TILED_PARALLEL_MIN_NUMEL // cols * 2
+    x, b, r = torch.randn(rows, cols, generator=g), torch.randn(cols, generator=g), \
+        torch.randn(rows, cols, generator=g)
+    ref = fu.bias_gelu_scale_residual(x, b, r, 0.5)
+    fu._POOLS.clear()
+    small = fu.bias_gelu_scale_residual_tiled(x[:8], b, r[:8], 0.5, workers=2)
+    assert fu._POOLS == {}  # below the threshold: no thread pool at all
+    torch.testing.assert_close(small, ref[:8], atol=ATOL, rtol=RTOL)
+    out1 = fu.bias_gelu_scale_residual_tiled(x, b, r, 0.5, workers=2)
+    pool = fu._POOLS[1]  # two ranges: the caller takes one, one pool thread the other
+    out2 = torch.empty_like(x)
+    assert fu.bias_gelu_scale_residual_tiled(x, b, r, 0.5, workers=2, out=out2) is out2
+    assert fu._POOLS[1] is pool and len(fu._POOLS) == 1  # created once, reused
+    for out in (out1, out2):
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_chain_into_preallocated_output_equals_eager():
+    g = torch.Generator().manual_seed(1)
+    x, b, r = torch.randn(6, 32, generator=g), torch.randn(32, generator=g), \
+        torch.randn(6, 32, generator=g)
+    out = torch.full_like(x, float("nan"))
+    assert fu.bias_gelu_scale_residual_into(x, b, r, 0.3, out=out) is out
+    torch.testing.assert_close(out, F.gelu(x + b) * 0.3 + r, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="out"):
+        fu.bias_gelu_scale_residual_into(x, b, r, out=torch.empty(6, 31))
+    with pytest.raises(ValueError, match="out"):
+        fu.bias_gelu_scale_residual_tiled(x, b, r, out=torch.empty(6, 32, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_compiled_chain_into_writes_out():
+    x, b, r = torch.randn(8, 32), torch.randn(32), torch.randn(8, 32)
+    out = torch.zeros_like(x)
+    fu.compiled_chain_into()(x, b, r, 0.5, out)
+    torch.testing.assert_close(out, fu.bias_gelu_scale_residual(x, b, r, 0.5), atol=ATOL, rtol=RTOL)
+
+
 # --------------------------------------------------------------------------- softmax
 
 @pytest.mark.parametrize("shape, scale", [((3, 17), 1.0), ((2, 4, 300), 50.0), ((5, 1), 3.0)])
@@ -106,6 +148,97 @@ def test_online_stats_are_max_and_normaliser():
         fu.online_softmax_stats(x, block=0)
     with pytest.raises(TypeError, match="x"):
         fu.softmax_online([1.0, 2.0])
+
+
+# --------------------------------------------------------------------------- FlashAttention
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block", [1, 7, 64, 300])
+def test_flash_attention_reference_matches_sdpa(causal, block):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 50, 16, generator=g) * 3 for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = fu.flash_attention_reference(q, k, v, block=block, causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_reference_other_shapes_and_scale():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 9, 8, generator=g, dtype=torch.float64)   # Tq != Tk, Dv != D
+    k = torch.randn(4, 21, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(4, 21, 5, generator=g, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.7)
+    torch.testing.assert_close(fu.flash_attention_reference(q, k, v, block=4, scale=0.7), ref)
+    # independent: the textbook formula with the whole score matrix
+    s = q @ k.transpose(-1, -2) / math.sqrt(8)
+    torch.testing.assert_close(fu.flash_attention_reference(q, k, v, block=5),
+                               torch.softmax(s, -1) @ v)
+    with pytest.raises(ValueError, match="block"):
+        fu.flash_attention_reference(q, k, v, block=0)
+    with pytest.raises(ValueError):
+        fu.flash_attention_reference(q, k[..., :7], v)
+
+
+def test_flash_attention_update_one_step_is_softmax_of_the_union():
+    g = torch.Generator().manual_seed(4)
+    s1, s2 = torch.randn(3, 4, generator=g) * 10, torch.randn(3, 6, generator=g) * 10
+    v1, v2 = torch.randn(4, 2, generator=g), torch.randn(6, 2, generator=g)
+    s2[0] = -math.inf  # row 0: the whole second block masked
+    m, l, o = torch.full((3,), -math.inf), torch.zeros(3), torch.zeros(3, 2)
+    m, l, o = fu.flash_attention_update(m, l, o, s1, v1)
+    m, l, o = fu.flash_attention_update(m, l, o, s2, v2)
+    s, v = torch.cat([s1, s2], 1), torch.cat([v1, v2], 0)
+    torch.testing.assert_close(m, s.amax(-1))
+    torch.testing.assert_close(l, torch.exp(s - s.amax(-1, keepdim=True)).sum(-1))
+    torch.testing.assert_close(o, torch.softmax(s, -1) @ v)
+    # a row masked in every block so far stays at the start state (no NaN)
+    m0, l0, o0 = fu.flash_attention_update(torch.full((1,), -math.inf), torch.zeros(1),
+                                           torch.zeros(1, 2), torch.full((1, 3), -math.inf), v1[:3])
+    assert m0.item() == -math.inf and l0.item() == 0 and torch.all(o0 == 0)
+    with pytest.raises(ValueError, match="values"):
+        fu.flash_attention_update(m, l, o, s1, v2)
+    with pytest.raises(ValueError, match="non-empty"):
+        fu.flash_attention_update(m, l, o, s1[:, :0], v1[:0])
+
+
+def test_attention_traffic_counts():
+    t = fu.attention_traffic(256, 64, block_q=128, bytes_per_value=2)
+    # standard: Q,K read + S written; S read + P written; P,V read + O written
+    standard = (2 * 256 * 64 + 256 * 256) + (2 * 256 * 256) + (256 * 256 + 256 * 64 + 256 * 64)
+    assert t["standard_bytes"] == standard * 2
+    assert t["flash_bytes"] == (256 * 64 * 2 + 2 * (2 * 256 * 64)) * 2  # K, V read twice
+    assert t["score_matrix_bytes"] == 256 * 256 * 2
+    assert fu.attention_traffic(4096, 64)["ratio"] > fu.attention_traffic(512, 64)["ratio"] > 1
+    with pytest.raises(ValueError):
+        fu.attention_traffic(0, 64)
+
+
+# --------------------------------------------------------------------------- GEMM epilogue
+
+def test_gemm_epilogue_traffic_and_prediction():
+    t = fu.gemm_epilogue_traffic(4, 5, 3, epilogue_passes=2, bytes_per_value=4)
+    assert t["gemm_bytes"] == (4 * 3 + 3 * 5 + 5 + 4 * 5) * 4
+    assert t["epilogue_bytes"] == 2 * 2 * 4 * 5 * 4  # each pass reads and writes C
+    assert t["fused_bytes"] == t["gemm_bytes"] and t["flops"] == 2 * 4 * 5 * 3
+    assert fu.gemm_epilogue_traffic(4, 5, 3, 0)["byte_ratio"] == 1.0
+    # the prediction: bare GEMM time plus the passes at the given bandwidth
+    p = fu.predicted_epilogue_speedup(1000, 1000, 8, gemm_s=1e-3, bandwidth=8e9,
+                                      passes_before=2, passes_after=0)
+    assert p == pytest.approx((1e-3 + 2 * 2 * 1000 * 1000 * 4 / 8e9) / 1e-3)
+    assert fu.predicted_epilogue_speedup(10, 10, 10, 1.0, 1e9, 1, 1) == 1.0
+    with pytest.raises(ValueError):
+        fu.gemm_epilogue_traffic(4, 5, 3, epilogue_passes=-1)
+    with pytest.raises(ValueError):
+        fu.predicted_epilogue_speedup(4, 5, 3, 0.0, 1e9, 2, 1)
+
+
+def test_linear_gelu_variants_match_torch():
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(7, 16, generator=g), torch.randn(16, 9, generator=g), \
+        torch.randn(9, generator=g)
+    ref = F.gelu(F.linear(x, w.t(), b))
+    torch.testing.assert_close(fu.linear_gelu(x, w, b), ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(fu.addmm_gelu(x, w, b), ref, atol=ATOL, rtol=RTOL)
 
 
 # --------------------------------------------------------------------------- horizontal fusion

@@ -13,7 +13,11 @@ What is here, each checked against a library where one exists:
   PyTorch, hand-fused by cache tiling, and ``torch.compile`` (Inductor's generated C++ loop).
 - Softmax three ways: naive, safe (max-subtracted) and online (Milakov and Gimelshein,
   "Online normalizer calculation for softmax", 2018, Sec. 3: 4 memory accesses per element for
-  safe softmax, 3 for the online form), the recurrence FlashAttention builds on (Dao et al. 2022).
+  safe softmax, 3 for the online form), and FlashAttention's recurrence built on it (Dao et al.
+  2022, Algorithm 1, lines 10-12: the output rescaled as the running max moves), checked against
+  ``torch.nn.functional.scaled_dot_product_attention``, with its memory-traffic count.
+- GEMM epilogue fusion (bias + GELU applied before C leaves the kernel): its byte model and a
+  prediction from a measured GEMM time and bandwidth.
 - Horizontal fusion (Q, K and V projections as one GEMM), folding a norm's scale into the next
   linear layer, BatchNorm into a convolution (checked against ``torch.nn.utils.fusion``), RoPE
   sin/cos tables precomputed (Su et al., RoFormer, 2021, Sec. 3.4.2; checked against
@@ -153,10 +157,45 @@ def bias_gelu_scale_residual(x: torch.Tensor, bias: torch.Tensor, residual: torc
     return F.gelu(x + bias) * scale + residual
 
 
+# Below this many elements per tensor the tiled path runs on the calling thread: handing work
+# to another thread costs tens of microseconds, more than the whole chain takes on small tensors.
+TILED_PARALLEL_MIN_NUMEL = 2**18  # 1 MiB of fp32 per tensor
+
+_POOLS: dict = {}  # worker count -> ThreadPoolExecutor, created on first use, reused after
+
+
+def _worker_pool(workers: int):
+    """One thread pool per worker count, created on the first call that needs it and reused by
+    every later call (creating a pool per call costs more than a small chain takes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers,
+                                                    thread_name_prefix="fusion-tiled")
+    return pool
+
+
+def bias_gelu_scale_residual_into(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                                  scale: float = 0.5, *, out: torch.Tensor) -> torch.Tensor:
+    """Eager, into a preallocated ``out``: the same four operators and the same nine tensor
+    passes as ``bias_gelu_scale_residual`` (each in-place operator still reads and writes the
+    whole tensor), but no new allocation, so no fresh pages to fault in."""
+    _check_chain_args(x, bias, residual)
+    check_tensor("out", out)
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must have the shape and dtype of x {tuple(x.shape)} {x.dtype}, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    torch.add(x, bias, out=out)
+    torch.ops.aten.gelu_(out)
+    out.mul_(scale)
+    return out.add_(residual)
+
+
 def bias_gelu_scale_residual_tiled(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
                                    scale: float = 0.5, block_rows: int | None = None,
-                                   block_bytes: int = 128 * 1024,
-                                   workers: int | None = None) -> torch.Tensor:
+                                   block_bytes: int = 128 * 1024, workers: int | None = None,
+                                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Hand-fused by cache tiling: the same four operators, run tile by tile on rows small
     enough (``block_bytes``, default 128 KiB) to stay in the L2 cache between operators, in place
     on one reused buffer. Main memory then sees the fused traffic: x and residual read once, the
@@ -165,7 +204,9 @@ def bias_gelu_scale_residual_tiled(x: torch.Tensor, bias: torch.Tensor, residual
     Like Inductor's loop, each of ``workers`` threads (default: torch's thread count) takes a
     contiguous range of rows and runs the whole chain on it; a 128 KiB tile (32768 floats) is at
     PyTorch's parallel grain size, so each operator runs on its worker's core with no
-    thread-pool barrier between operators."""
+    thread-pool barrier between operators. The worker threads come from a pool created once and
+    reused; below ``TILED_PARALLEL_MIN_NUMEL`` elements everything runs on the calling thread.
+    ``out`` (optional) receives the result instead of a new tensor."""
     _check_chain_args(x, bias, residual)
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
     rows, cols = x2.shape
@@ -174,7 +215,14 @@ def bias_gelu_scale_residual_tiled(x: torch.Tensor, bias: torch.Tensor, residual
     check_positive_int("block_rows", block_rows)
     workers = workers or torch.get_num_threads()
     check_positive_int("workers", workers)
-    out = torch.empty_like(x2)
+    if out is None:
+        out2 = torch.empty_like(x2)
+    else:
+        check_tensor("out", out)
+        if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor of the shape and dtype of x "
+                             f"{tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+        out2 = out.view(-1, cols)
 
     def run(lo: int, hi: int) -> None:
         buf = torch.empty(min(block_rows, hi - lo), cols, dtype=x.dtype)
@@ -184,24 +232,36 @@ def bias_gelu_scale_residual_tiled(x: torch.Tensor, bias: torch.Tensor, residual
             torch.add(x2[start:stop], bias, out=b)        # read x (DRAM), write b (cache)
             torch.ops.aten.gelu_(b)                       # in cache
             b.mul_(scale)                                 # in cache
-            torch.add(b, r2[start:stop], out=out[start:stop])  # read residual, write out (DRAM)
+            torch.add(b, r2[start:stop], out=out2[start:stop])  # read residual, write out (DRAM)
 
+    if x2.numel() < TILED_PARALLEL_MIN_NUMEL:
+        workers = 1
     bounds = [rows * i // workers for i in range(workers + 1)]
     ranges = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
     if len(ranges) == 1:
         run(*ranges[0])
     else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-            list(pool.map(lambda r: run(*r), ranges))  # list() re-raises a worker's error
-    return out.view_as(x)
+        futures = [_worker_pool(len(ranges) - 1).submit(run, lo, hi) for lo, hi in ranges[1:]]
+        run(*ranges[0])  # the calling thread takes the first range itself
+        for f in futures:
+            f.result()  # re-raises a worker's error
+    return out2.view_as(x) if out is None else out
 
 
 def compiled_chain(dynamic: bool = False) -> Callable:
     """``torch.compile`` (Inductor) of the eager chain: one generated C++ loop on CPU (Triton on a
     GPU). Compiles on the first call per input shape (tens of seconds cold, about 2 s warm)."""
     return torch.compile(bias_gelu_scale_residual, dynamic=dynamic)
+
+
+def _chain_into(x, bias, residual, scale, out):
+    return torch.add(F.gelu(x + bias) * scale, residual, out=out)
+
+
+def compiled_chain_into(dynamic: bool = False) -> Callable:
+    """``torch.compile`` of the chain writing into a preallocated ``out`` (the last argument):
+    Inductor's loop stores straight into ``out``, so no output is allocated per call."""
+    return torch.compile(_chain_into, dynamic=dynamic)
 
 
 def inductor_code(fn: Callable, *args, **kwargs) -> tuple[object, str]:
@@ -275,6 +335,152 @@ def softmax_online(x: torch.Tensor, dim: int = -1, block: int = 128) -> torch.Te
     xt = x.movedim(dim, -1)
     m, d = online_softmax_stats(xt, block)
     return (torch.exp(xt - m.unsqueeze(-1)) / d.unsqueeze(-1)).movedim(-1, dim)
+
+
+# --------------------------------------------------------------------------- FlashAttention
+
+
+def flash_attention_update(m: torch.Tensor, l: torch.Tensor, o: torch.Tensor,
+                           scores: torch.Tensor, values: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of FlashAttention's recurrence (Dao et al. 2022, Algorithm 1, lines 10-12): the
+    online-softmax state ``(m, l)`` of each query row plus its normalised output ``o``, updated
+    with one block of scores ``S_j`` (rows x block) and the block's values ``V_j`` (block x Dv):
+
+        m~ = rowmax(S_j),  P~ = exp(S_j - m~),  l~ = rowsum(P~)
+        m' = max(m, m~),   l' = e^(m - m') l + e^(m~ - m') l~
+        O' = (l e^(m - m') O + e^(m~ - m') P~ V_j) / l'
+
+    ``(m, l)`` is Milakov and Gimelshein's (max, normaliser) pair; the new part is O, rescaled
+    by e^(m - m') l / l' whenever the running max moves. Start from m = -inf, l = 0, O = 0.
+    Scores may hold -inf (masked keys); a row whose scores are all -inf so far keeps m = -inf,
+    l = 0, O = 0 (shifts by 0 instead of -inf, as ``online_softmax_stats`` does)."""
+    for name, value in (("m", m), ("l", l), ("o", o), ("scores", scores), ("values", values)):
+        check_tensor(name, value)
+    if scores.dim() < 1 or scores.shape[-1] == 0:
+        raise ValueError(f"scores must hold a non-empty block, got shape {tuple(scores.shape)}")
+    if values.shape[-2:-1] != scores.shape[-1:]:
+        raise ValueError(f"values must have {scores.shape[-1]} rows (the block size of scores), "
+                         f"got shape {tuple(values.shape)}")
+    if m.shape != scores.shape[:-1] or l.shape != m.shape or o.shape[:-1] != m.shape:
+        raise ValueError(f"m, l must have shape {tuple(scores.shape[:-1])} and o that plus "
+                         f"(Dv,), got {tuple(m.shape)}, {tuple(l.shape)}, {tuple(o.shape)}")
+    m_blk = scores.amax(-1)
+    m_new = torch.maximum(m, m_blk)
+    shift = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+    p = torch.exp(scores - shift.unsqueeze(-1))              # e^(m~ - m') P~, in one step
+    alpha = torch.exp(m - shift)                             # e^(m - m'): 0 on the first block
+    l_new = alpha * l + p.sum(-1)
+    safe = torch.where(l_new > 0, l_new, torch.ones_like(l_new))
+    o_new = ((alpha * l).unsqueeze(-1) * o + p @ values) / safe.unsqueeze(-1)
+    return m_new, l_new, o_new
+
+
+def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              block: int = 64, causal: bool = False,
+                              scale: float | None = None) -> torch.Tensor:
+    """Attention softmax(q k^T * scale) v computed FlashAttention's way: K and V in blocks of
+    ``block`` keys, each query row carrying its running max, running denominator and rescaled
+    output (``flash_attention_update``). The largest intermediate is one (Tq, block) block of
+    scores; the (Tq, Tk) score matrix is never formed. Shapes as
+    ``torch.nn.functional.scaled_dot_product_attention``: q (..., Tq, D), k (..., Tk, D),
+    v (..., Tk, Dv); ``causal`` masks key j > query i (top-left aligned, as SDPA's
+    ``is_causal``); ``scale`` defaults to 1/sqrt(D). Eager PyTorch: a readable reference, not
+    a fast kernel (chapter 09 writes that in Triton)."""
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, value)
+    check_positive_int("block", block)
+    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"q, k, v must have the same number (>= 2) of dimensions, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1] or v.shape[-2] != k.shape[-2] or k.shape[-2] == 0:
+        raise ValueError(f"need k (..., Tk, D) with q's D and v (..., Tk, Dv), Tk > 0, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    m = torch.full((*batch, t_q), -math.inf, dtype=q.dtype)
+    l = torch.zeros((*batch, t_q), dtype=q.dtype)
+    o = torch.zeros((*batch, t_q, v.shape[-1]), dtype=q.dtype)
+    rows = torch.arange(t_q).unsqueeze(-1)
+    for start in range(0, t_k, block):
+        stop = min(t_k, start + block)
+        s = (q @ k[..., start:stop, :].transpose(-1, -2)) * scale   # (..., Tq, block) only
+        if causal:
+            s = s.masked_fill(torch.arange(start, stop) > rows, -math.inf)
+        m, l, o = flash_attention_update(m, l, o, s, v[..., start:stop, :])
+    return o
+
+
+def attention_traffic(seq_len: int, head_dim: int, block_q: int = 128,
+                      bytes_per_value: float = 4) -> dict[str, float]:
+    """Main-memory bytes of one attention head's forward, T = ``seq_len``, d = ``head_dim``.
+
+    Standard (Dao et al. 2022, Algorithm 0): read Q, K, write S = QK^T (T x T); read S, write
+    P = softmax(S); read P and V, write O: (4 T d + 4 T^2) values. FlashAttention with query
+    blocks of ``block_q`` rows outer (each block's O, l, m stay on chip): read Q once, K and V
+    once per query block, write O once: (2 T d + 2 T d ceil(T / block_q)) values, no T x T term.
+    """
+    for name, value in (("seq_len", seq_len), ("head_dim", head_dim), ("block_q", block_q)):
+        check_positive_int(name, value)
+    if not bytes_per_value > 0:
+        raise ValueError(f"bytes_per_value must be > 0, got {bytes_per_value!r}")
+    t, d = seq_len, head_dim
+    standard = (4 * t * d + 4 * t * t) * bytes_per_value
+    flash = (2 * t * d + 2 * t * d * math.ceil(t / block_q)) * bytes_per_value
+    return {"standard_bytes": float(standard), "flash_bytes": float(flash),
+            "score_matrix_bytes": float(t * t * bytes_per_value),
+            "ratio": standard / flash}
+
+
+# --------------------------------------------------------------------------- GEMM epilogue
+
+
+def gemm_epilogue_traffic(m: int, n: int, k: int, epilogue_passes: int = 1,
+                          bytes_per_value: float = 4) -> dict[str, float]:
+    """Bytes of C = act(A @ W + b), A (m, k), W (k, n), C (m, n), with and without epilogue fusion.
+
+    The GEMM itself reads A and W and writes C once (the bias vector's n values counted too).
+    Unfused, each of ``epilogue_passes`` element-wise operators after it reads C and writes it
+    again (``x @ w + b`` then ``gelu``: 2 passes; ``addmm`` then ``gelu``: 1); fused, the bias
+    and activation are applied in registers before the single write. FLOPs: 2 m n k either way
+    (plus the activation's, also the same both ways)."""
+    for name, value in (("m", m), ("n", n), ("k", k)):
+        check_positive_int(name, value)
+    if isinstance(epilogue_passes, bool) or not isinstance(epilogue_passes, int) \
+            or epilogue_passes < 0:
+        raise ValueError(f"epilogue_passes must be an int >= 0, got {epilogue_passes!r}")
+    if not bytes_per_value > 0:
+        raise ValueError(f"bytes_per_value must be > 0, got {bytes_per_value!r}")
+    gemm = (m * k + k * n + n + m * n) * bytes_per_value
+    epilogue = epilogue_passes * 2 * m * n * bytes_per_value
+    return {"gemm_bytes": float(gemm), "epilogue_bytes": float(epilogue),
+            "unfused_bytes": float(gemm + epilogue), "fused_bytes": float(gemm),
+            "flops": float(2 * m * n * k), "byte_ratio": (gemm + epilogue) / gemm}
+
+
+def predicted_epilogue_speedup(m: int, n: int, k: int, gemm_s: float, bandwidth: float,
+                               passes_before: int, passes_after: int,
+                               bytes_per_value: float = 4) -> float:
+    """Predicted time(before) / time(after) when fusion removes epilogue passes:
+    t = gemm_s + passes x 2 m n bytes / bandwidth, with ``gemm_s`` the measured time of the bare
+    GEMM (which already writes C once) and ``bandwidth`` a measured copy bandwidth (bytes/s)."""
+    if not gemm_s > 0 or not bandwidth > 0:
+        raise ValueError(f"gemm_s and bandwidth must be > 0, got {gemm_s}, {bandwidth}")
+    before = gemm_epilogue_traffic(m, n, k, passes_before, bytes_per_value)["epilogue_bytes"]
+    after = gemm_epilogue_traffic(m, n, k, passes_after, bytes_per_value)["epilogue_bytes"]
+    return (gemm_s + before / bandwidth) / (gemm_s + after / bandwidth)
+
+
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Eager ``gelu(x @ w + b)``: a GEMM, then two element-wise passes over C (add, GELU)."""
+    return F.gelu(x @ w + b)
+
+
+def addmm_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``gelu(addmm(b, x, w))``: the bias folded into the GEMM call (BLAS starts C from the bias),
+    then one GELU pass over C."""
+    return F.gelu(torch.addmm(b, x, w))
 
 
 # --------------------------------------------------------------------------- horizontal fusion
@@ -635,14 +841,23 @@ def chain_inputs(numel: int, cols: int = 1024, seed: int = 0):
     return x, torch.randn(cols, generator=g), torch.randn(rows, cols, generator=g)
 
 
-def report_rows(quick: bool = False) -> list[dict]:
-    """Chapter 01's headline: each case's predicted and measured speed-up, measured in one run.
-    ``quick``: a 1 MiB chain, the small model and short timings (a smoke test)."""
-    from utils.bench import compare
+# 16 MiB per tensor: above the caches, below glibc's 32 MiB ceiling on its mmap threshold, so
+# freed tensors are reused from the heap instead of mapped (and page-faulted) afresh every call.
+BANDWIDTH_BOUND_NUMEL = 2**22
 
-    numel, min_run_time = (2**18, 0.05) if quick else (2**24, 0.2)
+
+def report_rows(quick: bool = False) -> list[dict]:
+    """Chapter 01's headline: each case's predicted and measured speed-up, measured in one run,
+    with the achieved bandwidth (the byte model's bytes / measured time) beside the copy
+    bandwidth measured in the same run. The chain runs at ``BANDWIDTH_BOUND_NUMEL`` floats per
+    tensor. ``quick``: a 1 MiB chain, the small model and short timings (a smoke test)."""
+    from utils.bench import compare
+    from utils.bench import measure_bandwidth as measure_stream
+
+    numel, min_run_time = (2**18, 0.05) if quick else (BANDWIDTH_BOUND_NUMEL, 0.2)
 
     threads = torch.get_num_threads()
+    copy_gbs = measure_stream(numel * 4, "copy", min_run_time=min_run_time)["bytes_per_s"] / 1e9
     rows = []
     x, b, r = chain_inputs(numel)
     compiled = compiled_chain()
@@ -650,12 +865,17 @@ def report_rows(quick: bool = False) -> list[dict]:
     res = compare({"eager": lambda: bias_gelu_scale_residual(x, b, r),
                    "tiled": lambda: bias_gelu_scale_residual_tiled(x, b, r),
                    "compiled": lambda: compiled(x, b, r, 0.5)}, min_run_time=min_run_time)
-    pred = predicted_speedup(BIAS_GELU_SCALE_RESIDUAL, x.numel())
+    t = chain_traffic(BIAS_GELU_SCALE_RESIDUAL, x.numel())
+    pred = t["unfused_bytes"] / t["fused_bytes"]
+    eager_gbs = t["unfused_bytes"] / res["eager"]["median_ms"] / 1e6
     for name in ("tiled", "compiled"):
         rows.append({"case": f"bias+gelu+scale+residual, {name} vs eager",
                      "shape": f"{tuple(x.shape)} fp32", "predicted": pred,
                      "measured": res[name]["speedup"],
-                     "pred/meas": pred / res[name]["speedup"], "threads": threads})
+                     "pred/meas": pred / res[name]["speedup"],
+                     "eager GB/s": eager_gbs,
+                     "fused GB/s": t["fused_bytes"] / res[name]["median_ms"] / 1e6,
+                     "copy GB/s": copy_gbs, "threads": threads})
     torch.manual_seed(0)
     q, k, v = nn.Linear(384, 384, bias=False), nn.Linear(384, 128, bias=False), \
         nn.Linear(384, 128, bias=False)
@@ -671,8 +891,15 @@ def report_rows(quick: bool = False) -> list[dict]:
         rows.append({"case": f"QKV one GEMM vs three, {tokens} token(s)",
                      "shape": f"(1, {tokens}, 384) fp32", "predicted": pred,
                      "measured": res["fused"]["speedup"],
-                     "pred/meas": pred / res["fused"]["speedup"], "threads": threads})
-    rows.append(_compiled_block_row(threads, min_run_time, "small" if quick else "teacher"))
+                     "pred/meas": pred / res["fused"]["speedup"],
+                     "eager GB/s": (wbytes + 3 * xbytes + ybytes) / res["separate"]["median_ms"]
+                     / 1e6,
+                     "fused GB/s": (wbytes + xbytes + ybytes) / res["fused"]["median_ms"] / 1e6,
+                     "copy GB/s": copy_gbs, "threads": threads})
+    row = _compiled_block_row(threads, min_run_time, "small" if quick else "teacher")
+    threads_ = row.pop("threads")  # keys in the order of the other rows
+    rows.append({**row, "eager GB/s": None, "fused GB/s": None, "copy GB/s": copy_gbs,
+                 "threads": threads_})
     return rows
 
 

@@ -202,6 +202,68 @@ def _fx_expected(program):
     return call_fx_pass(fuse_silu_mul, program)
 
 
+# --------------------------------------------------------------------------- 6: FlashAttention step
+
+
+def call_flash_step(fn, m, l, o, scores, values):
+    """Adapter: ``fn(m, l, o, scores, values)`` on float64 tensors made from the plain lists
+    (m, l: (R,); o: (R, Dv); scores: (R, B); values: (B, Dv))."""
+    import torch
+
+    args = [torch.tensor(a, dtype=torch.float64) for a in (m, l, o, scores, values)]
+    return fn(*args)
+
+
+def _flash_expected(m, l, o, scores, values):
+    from utils.fusion import flash_attention_update
+
+    return list(call_flash_step(flash_attention_update, m, l, o, scores, values))
+
+
+def _flash_compare(expected, got):
+    if isinstance(expected, dict) and "raises" in expected:
+        return close()(expected, got)
+    if not isinstance(got, list) or len(got) != 3:
+        return f"expected a tuple (m_new, l_new, o_new) of tensors, got {got!r:.80}"
+    for name, e, g in zip(("m_new", "l_new", "o_new"), expected, got):
+        reason = array_close(rtol=1e-9, atol=1e-12)(e, g)
+        if reason:
+            return f"{name}: {reason}"
+    return None
+
+
+def _flash_case(rng, rows, block, dv, first=False, masked=False, label=None):
+    def r(scale=1.0):
+        return round(rng.uniform(-1, 1) * scale, 4)
+
+    scale = rng.choice([1, 10, 100])
+    if first:
+        m, l, o = [float("-inf")] * rows, [0.0] * rows, [[0.0] * dv for _ in range(rows)]
+    else:
+        m = [r(5) for _ in range(rows)]
+        l = [round(rng.uniform(0.5, 20), 4) for _ in range(rows)]
+        o = [[r(3) for _ in range(dv)] for _ in range(rows)]
+    scores = [[r(scale) for _ in range(block)] for _ in range(rows)]
+    if masked:  # mask all but one key of each row (m stays finite)
+        for row in scores:
+            keep = rng.randrange(block)
+            for j in range(block):
+                if j != keep:
+                    row[j] = float("-inf")
+    values = [[r(2) for _ in range(dv)] for _ in range(block)]
+    return Case(([*m], l, o, scores, values), label=label)
+
+
+def _hidden_flash(rng):
+    cases = [_flash_case(rng, rng.randint(1, 4), rng.randint(1, 5), rng.randint(1, 4))
+             for _ in range(4)]
+    cases.append(_flash_case(rng, 3, 4, 2, first=True, label="first block (m = -inf, l = 0)"))
+    cases.append(_flash_case(rng, 2, 5, 3, masked=True, label="-inf (masked) scores"))
+    cases.append(Case(([0.0], [1.0], [[0.0, 0.0]], [[1.0, 2.0]], [[1.0, 2.0]]),
+                      raises="ValueError", label="values with fewer rows than the block"))
+    return cases
+
+
 SPEC = LabSpec(
     lab="lab01",
     notebook="lab01_operator_fusion.ipynb",
@@ -276,5 +338,29 @@ SPEC = LabSpec(
             hint="find call_function nodes whose target is operator.mul with a silu node (one "
                  "user) as either argument; insert silu_mul before it, replace_all_uses_with, "
                  "erase the mul then the silu, recompile; return the number of rewrites"),
+        Exercise(
+            name="flash_attention_step", points=3,
+            title="One step of FlashAttention's output rescaling",
+            expected=_flash_expected, compare=_flash_compare,
+            adapter="utils.labs.specs.lab01:call_flash_step",
+            public=(Case(([float("-inf")] * 2, [0.0, 0.0], [[0.0, 0.0], [0.0, 0.0]],
+                          [[1.0, 2.0], [0.0, -1.0]], [[1.0, 0.0], [0.0, 1.0]]),
+                         label="first block: m = -inf, l = 0, O = 0"),
+                    Case(([2.0, 0.0], [1.5, 1.2], [[0.5, 0.5], [1.0, -1.0]],
+                          [[5.0, 1.0], [-1.0, -2.0]], [[2.0, 1.0], [0.0, 3.0]]),
+                         label="row 0's max moves, row 1's does not"),
+                    Case(([1.0], [2.0], [[1.0, 2.0, 3.0]], [[float("-inf"), 0.5, float("-inf")]],
+                          [[1.0, 1.0, 1.0], [2.0, 0.0, -2.0], [5.0, 5.0, 5.0]]),
+                         label="masked (-inf) keys in the block"),
+                    Case(([0.0], [1.0], [[0.0]], [[1.0, 2.0]], [[1.0], [2.0], [3.0]]),
+                         raises="ValueError", label="block of 2 scores, 3 value rows",
+                         hint="raise ValueError when values.shape[0] != scores.shape[-1]")),
+            hidden=_hidden_flash,
+            references=("utils.fusion.flash_attention_update",
+                        "utils.fusion.flash_attention_reference",
+                        "torch.nn.functional.scaled_dot_product_attention",
+                        "torch.softmax", "torch.nn.functional.softmax", "torch.logsumexp"),
+            hint="m' = max(m, rowmax(S)); p = exp(S - m'); l' = l exp(m - m') + rowsum(p); "
+                 "O' = (l exp(m - m') O + p @ V) / l'; when m is -inf, exp(m - m') is 0"),
     ),
 )
