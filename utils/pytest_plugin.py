@@ -12,11 +12,15 @@
   2.13 on an AVX-512 host that makes a ``torch.compile``d decoder block return NaN (each of its
   operators compiles correctly alone; an AVX2-only CPU compiles it correctly), so it is not
   CI's default.
+- Inductor cache: each test run compiles into a fresh cache folder (``TORCHINDUCTOR_CACHE_DIR``,
+  shared by its workers and notebook kernels), so an entry a crashed or interrupted earlier run
+  left in the machine-wide cache cannot change this run's results.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 FORCED_ISA = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
               "avx2-aten": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -39,6 +43,8 @@ def _workers(config) -> int:
 
 
 def pytest_configure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller: once per run
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))
     isa = config.getoption("isa")
     if isa:
         os.environ.update(FORCED_ISA[isa])
