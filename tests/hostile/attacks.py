@@ -10,8 +10,6 @@ appear in any output.
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,11 +301,3 @@ def build_lab_batch(lab: str, ctx: Context) -> dict[str, Expect]:
         (ctx.folder / f"{name}.ipynb").write_text(nbformat.writes(nb), encoding="utf-8")
         expected[name] = expect
     return expected
-
-
-def copy_notebook(nb):
-    return copy.deepcopy(nb)
-
-
-def report_texts(reports) -> str:
-    return json.dumps(reports)
