@@ -210,3 +210,115 @@ def test_report_cli_quick_json_for_chapter_00():
     result = json.loads(out.stdout)
     assert result["quick"] is True and result["machine"]["kernels"].startswith("aten ")
     assert "chapter 00" in out.stderr  # progress goes to stderr, JSON alone to stdout
+
+
+# --------------------------------------------------------------------------- peak, MBU, MFU, batch
+
+def test_theoretical_peak_by_hand():
+    # 2 cores x 2.5 GHz x 2 FMA units x 8 fp32 lanes (256 bits) x 2 FLOPs = 160 GFLOP/s
+    assert rl.theoretical_peak_flops(2, 2.5e9, 256) == pytest.approx(160e9)
+    # one core at 1 GHz, one 512-bit unit, bf16 (32 lanes): 1e9 * 32 * 2 = 64 GFLOP/s
+    assert rl.theoretical_peak_flops(1, 1e9, 512, fma_units=1, bytes_per_value=2) == \
+        pytest.approx(64e9)
+
+
+def test_cpu_peak_assumptions_are_self_consistent():
+    a = rl.cpu_peak_assumptions(threads=1)
+    assert a["cores"] == 1 and isinstance(a["note"], str)
+    if a["peak_flops"] is not None:  # 1 core x clock x units x (bits / 32) x 2
+        assert a["peak_flops"] == pytest.approx(
+            a["clock_hz"] * a["fma_units"] * a["simd_bits"] / 32 * 2)
+
+
+def test_critical_batch_size_by_hand_and_on_the_roofline():
+    # ridge 100e9 / 10e9 = 10 FLOP/byte; fp32 weights: 10 x 4 / 2 = 20 sequences
+    assert rl.critical_batch_size(100e9, 10e9, 4) == pytest.approx(20)
+    assert rl.critical_batch_size(100e9, 10e9, 2) == pytest.approx(10)
+    # at batch 20 a step over N fp32 weights does 2 N 20 FLOPs on 4 N bytes: 10 FLOP/byte, where
+    # the memory roof (10e9 x 10) meets the compute roof (100e9)
+    n = 1_000_000
+    intensity = 2 * n * 20 / (4 * n)
+    assert 10e9 * intensity == pytest.approx(100e9)
+
+
+def test_mbu_and_mfu_by_hand():
+    # 10 tokens/s reading 1 GB each = 10 GB/s of a 20 GB/s memory: 50%
+    assert rl.bandwidth_utilisation(10, 1e9, 20e9) == pytest.approx(0.5)
+    # 7B parameters, 2 x 7e9 FLOPs per token, 100 tokens/s on a 2.8 TFLOP/s peak: 50%
+    assert rl.flops_utilisation(100, 2 * 7e9, 2.8e12) == pytest.approx(0.5)
+
+
+def test_knee_batch_size_of_an_ideal_roofline_sweep():
+    batches = [1, 2, 4, 8, 16, 32, 64]
+    steps = [max(0.1, 0.01 * b) for b in batches]  # flat 100 ms, then 10 ms per sequence
+    assert rl.knee_batch_size(batches, steps) == pytest.approx(10)
+    assert rl.knee_batch_size([64, 1], [0.64, 0.1]) == pytest.approx(10)  # order does not matter
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: rl.theoretical_peak_flops(0, 1e9, 256), "cores"),
+    (lambda: rl.theoretical_peak_flops(1, 0, 256), "clock_hz"),
+    (lambda: rl.critical_batch_size(1e9, 0, 4), "bandwidth"),
+    (lambda: rl.critical_batch_size(1e9, 1e9, -2), "bytes_per_weight"),
+    (lambda: rl.bandwidth_utilisation(0, 1e9, 1e9), "tokens_per_s"),
+    (lambda: rl.flops_utilisation(1, 1e9, float("nan")), "peak_flops"),
+    (lambda: rl.knee_batch_size([1], [0.1]), "batches"),
+    (lambda: rl.knee_batch_size([1, 0], [0.1, 0.2]), "batches"),
+    (lambda: rl.knee_batch_size([1, 2], [0.1, -1]), "step_seconds"),
+    (lambda: rl.profile_rows(None, row_limit=0), "row_limit"),
+])
+def test_new_functions_raise_value_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        call()
+
+
+def _tiny_course_llama():
+    from utils.llama import CourseLlama, speed_model_config
+
+    torch.manual_seed(0)
+    return CourseLlama.from_config(speed_model_config(hidden_size=128, num_layers=2))
+
+
+def test_counted_flops_match_2n_for_the_linear_layers():
+    assert rl.counted_matmul_flops(lambda: torch.randn(3, 5) @ torch.randn(5, 7)) == {"mm": 210}
+    model = _tiny_course_llama()  # hidden 128, 1 head, 1 KV head, MLP 256, vocab 32000, 2 layers
+    per_layer = 4 * 128 * 128 + 3 * 128 * 256  # q, k, v, o; gate, up, down
+    linear_params = 2 * per_layer + 32000 * 128  # + the tied LM head
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    with torch.inference_mode():
+        counts = rl.counted_matmul_flops(lambda: model(ids))
+    matmuls = sum(v for k, v in counts.items() if k in ("mm", "addmm", "bmm"))
+    assert matmuls == 2 * 10 * linear_params
+    n = sum(p.numel() for p in model.parameters())  # + embedding-free norms: 2N is within 0.1%
+    assert abs(2 * n * 10 / matmuls - 1) < 1e-3
+
+
+def test_static_decode_step_matches_a_full_forward():
+    model = _tiny_course_llama()
+    step = rl.static_decode_step(model, batch_size=2, cache_len=9, seed=3)
+    gen = torch.Generator().manual_seed(3)  # the same seeded ids the step was built with
+    ids = torch.randint(0, 32000, (2, 9), generator=gen)
+    with torch.inference_mode():
+        expected = model(ids)[:, -1:].argmax(-1)
+    first, again = step(), step()
+    assert first.shape == (2, 1)
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+
+
+def test_silenced_stderr_hides_file_descriptor_2(capfd):
+    import os
+
+    with rl.silenced_stderr():
+        os.write(2, b"USDT noise\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_profile_rows_are_sorted_and_narrow():
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    rows = rl.profile_rows(prof, row_limit=3)
+    assert 1 <= len(rows) <= 3 and set(rows[0]) == {"operator", "calls", "self ms", "share"}
+    assert [r["self ms"] for r in rows] == sorted((r["self ms"] for r in rows), reverse=True)

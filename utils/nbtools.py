@@ -54,7 +54,10 @@ def execute(path: str | Path, timeout: int = 900, allow_errors: bool = False) ->
     if path.suffix != ".ipynb" or not path.is_file():
         raise FileNotFoundError(f"path must be an existing .ipynb file, got {path}")
     nb = nbformat.read(path, as_version=4)
+    # store_widget_state: save ipywidgets' state in the notebook's metadata, so a static view
+    # (GitHub, nbviewer, a reader without a kernel) still shows sliders and progress bars
     NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+                   store_widget_state=True,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     nbformat.write(nb, path)
     return path

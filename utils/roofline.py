@@ -12,6 +12,12 @@ Formulas (counting a multiply-add as 2 FLOPs):
   (Pope et al., "Efficiently Scaling Transformer Inference", 2022, Sec. 2; with grouped-query
   attention, Ainslie et al. 2023, kv_heads < attention heads).
 
+Utilisation (what share of a roof a model reaches): MBU = achieved bytes/s / bandwidth for
+decode, MFU = tokens/s x FLOPs per token (about 2 x parameters, Kaplan et al. 2020, Sec. 2.1) /
+peak FLOP/s for prefill; the critical batch size B* = ridge point x bytes per weight / 2 is where
+a batched decode step turns compute-bound. A CPU's theoretical peak is cores x clock x FMA units
+x SIMD lanes x 2.
+
 Measurements (the second half of this file; chapter 00's notebook and ``python -m utils.report 00``
 call the same functions): peak matmul FLOP/s per dtype, memory bandwidth of a copy far larger than
 the caches, prefill vs decode time per token of a causal LM, weight bytes, the KV-cache bytes held
@@ -30,7 +36,7 @@ import torch
 
 from utils.bench import BANDWIDTH_KINDS, measure_bandwidth, time_fn  # noqa: F401  (rl.measure_bandwidth)
 from utils.models import model_weight_bytes  # noqa: F401  (the notebook calls rl.model_weight_bytes)
-from utils.validation import check_positive, check_positive_ints
+from utils.validation import check_positive, check_positive_int, check_positive_ints
 
 CHAPTER = "00"  # found by utils.report; notebooks/00_*.ipynb, solutions/lab00_*.ipynb
 
@@ -76,6 +82,59 @@ def decode_tokens_per_second_bound(bandwidth: float, weight_bytes: float,
     if kv_bytes < 0:
         raise ValueError(f"kv_bytes must be >= 0, got {kv_bytes!r}")
     return bandwidth / (weight_bytes + kv_bytes)
+
+
+
+def theoretical_peak_flops(cores: int, clock_hz: float, simd_bits: int, fma_units: int = 2,
+                           bytes_per_value: float = 4) -> float:
+    """A CPU's theoretical peak: cores x clock x FMA units per core x lanes per FMA x 2 FLOPs
+    (a fused multiply-add is a multiply and an add), lanes = simd_bits / (8 x bytes_per_value).
+    Example: 2 cores at 2.5 GHz, 256-bit FMA units, 2 per core, fp32 (8 lanes): 160 GFLOP/s."""
+    check_positive_ints(cores=cores, simd_bits=simd_bits, fma_units=fma_units)
+    check_positive(clock_hz=clock_hz, bytes_per_value=bytes_per_value)
+    return cores * clock_hz * fma_units * (simd_bits / (8 * bytes_per_value)) * 2
+
+
+def critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_weight: float) -> float:
+    """Batch size at which a decode step turns compute-bound. A step at batch B does about
+    2 N B FLOPs while reading the N weights once (N x bytes_per_weight bytes; KV cache and
+    activations left out), so its intensity is 2 B / bytes_per_weight FLOP/byte; it reaches the
+    ridge point peak / bandwidth at B* = (peak / bandwidth) x bytes_per_weight / 2."""
+    check_positive(peak_flops=peak_flops, bandwidth=bandwidth, bytes_per_weight=bytes_per_weight)
+    return peak_flops / bandwidth * bytes_per_weight / 2
+
+
+def bandwidth_utilisation(tokens_per_s: float, bytes_per_token: float, bandwidth: float) -> float:
+    """Model bandwidth utilisation (MBU) of decode: the bytes/s it achieves (tokens/s x bytes
+    read per token: weights + KV cache) over the bandwidth the memory can deliver."""
+    check_positive(tokens_per_s=tokens_per_s, bytes_per_token=bytes_per_token,
+                   bandwidth=bandwidth)
+    return tokens_per_s * bytes_per_token / bandwidth
+
+
+def flops_utilisation(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation (MFU): achieved FLOP/s (tokens/s x FLOPs per token, about 2 x
+    parameters) over a peak FLOP/s (say which: theoretical, or the best a matmul reached)."""
+    check_positive(tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
+                   peak_flops=peak_flops)
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+def knee_batch_size(batches, step_seconds) -> float:
+    """Where a measured decode sweep bends: the batch at which the flat memory-bound line (the
+    step time at the smallest batch) meets the compute-bound line through the origin and the
+    largest batch (step time proportional to batch). Meaningful when the largest batch is
+    compute-bound (its step clearly longer than the smallest batch's)."""
+    batches, step_seconds = list(batches), list(step_seconds)
+    if len(batches) < 2 or len(batches) != len(step_seconds):
+        raise ValueError(f"batches and step_seconds must be two equal-length lists of at least "
+                         f"2 values, got {len(batches)} and {len(step_seconds)}")
+    check_positive_ints(**{f"batches[{i}]": b for i, b in enumerate(batches)})
+    check_positive(**{f"step_seconds[{i}]": t for i, t in enumerate(step_seconds)})
+    order = sorted(range(len(batches)), key=batches.__getitem__)
+    t_flat = step_seconds[order[0]]
+    per_sequence = step_seconds[order[-1]] / batches[order[-1]]  # slope of the compute line
+    return t_flat / per_sequence
 
 
 # --------------------------------------------------------------------------- measurements
@@ -286,14 +345,184 @@ def tensor_memory_bytes(fn: Callable[[], object], device="cpu") -> dict:
     return {"peak_bytes": peak, "retained_bytes": live}
 
 
+
+# --------------------------------------------------------------------------- CPU peak, flops
+
+def _lscpu() -> dict[str, str]:
+    import shutil
+    import subprocess
+
+    if not shutil.which("lscpu"):
+        return {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                             env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())
+            if v}
+
+
+def _cpuinfo_first(field: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(field) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_peak_assumptions(threads: int | None = None) -> dict:
+    """What the fp32 theoretical peak of this CPU rests on, read from ``lscpu`` and
+    ``/proc/cpuinfo``: cores (physical, or ``threads`` if fewer), clock (``CPU max MHz`` when
+    ``lscpu`` gives it, else the ``cpu MHz`` that ``/proc/cpuinfo`` reports, a current or
+    nominal clock: turbo unknown), SIMD width from the ISA flags (avx512f 512 bits, avx2 + fma
+    256), and FMA units per core (assumed 2, as on recent x86 server cores; AMD Zen 4, family 25
+    with avx512f, executes 512-bit FMAs on 256-bit units). ``peak_flops`` is None, with the
+    reason in ``note``, where a number is missing (not Linux, not x86, no FMA)."""
+    import os
+    import platform
+
+    from utils.bench import cpu_model_and_flags
+
+    info = _lscpu()
+    _, flags = cpu_model_and_flags()
+    result = {"cores": None, "clock_hz": None, "clock_source": None, "simd_bits": None,
+              "fma_units": None, "peak_flops": None, "note": ""}
+    try:
+        cores = int(info["Core(s) per socket"]) * int(info.get("Socket(s)", "1"))
+    except (KeyError, ValueError):
+        cores = os.cpu_count() or 1
+    result["cores"] = min(cores, threads) if threads else cores
+    if info.get("CPU max MHz"):
+        result["clock_hz"], result["clock_source"] = float(info["CPU max MHz"]) * 1e6, \
+            "lscpu 'CPU max MHz' (maximum boost clock)"
+    elif _cpuinfo_first("cpu MHz"):
+        result["clock_hz"] = float(_cpuinfo_first("cpu MHz")) * 1e6
+        result["clock_source"] = ("/proc/cpuinfo 'cpu MHz' (the current or, in a virtual "
+                                  "machine, nominal clock; the boost clock is not known)")
+    if platform.machine().lower() not in ("x86_64", "amd64") or "fma" not in flags:
+        result["note"] = "not an x86 CPU with FMA: SIMD width and FMA units not known here"
+        return result
+    vendor, family = info.get("Vendor ID") or _cpuinfo_first("vendor_id"), \
+        info.get("CPU family") or _cpuinfo_first("cpu family")
+    zen4 = vendor == "AuthenticAMD" and family == "25" and "avx512f" in flags
+    result["simd_bits"] = 256 if zen4 or "avx512f" not in flags else 512
+    result["fma_units"] = 2
+    result["note"] = ("assumed 2 FMA units per core"
+                      + ("; AMD family 25 with AVX-512 (Zen 4): 512-bit FMAs run on 256-bit units"
+                         if zen4 else "")
+                      + ("; AVX-512 parts with one 512-bit FMA unit (some client and low-end "
+                         "server Intel cores) reach half" if result["simd_bits"] == 512 else ""))
+    if result["clock_hz"] is None:
+        result["note"] += "; no clock found: peak not known"
+        return result
+    result["peak_flops"] = theoretical_peak_flops(result["cores"], result["clock_hz"],
+                                                  result["simd_bits"], result["fma_units"], 4)
+    return result
+
+
+def counted_matmul_flops(fn: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of the matrix products ``fn()`` runs, counted by ``torch.utils.flop_counter``
+    (2 m k n per (m, k) @ (k, n); attention counted by its shapes), by operator name."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    counts: dict[str, int] = {}
+    for op, n in counter.get_flop_counts()["Global"].items():  # aten.mm, aten.mm.default ...
+        name = str(op).removeprefix("aten.").split(".")[0]
+        counts[name] = counts.get(name, 0) + int(n)
+    return counts
+
+
+class silenced_stderr:
+    """Redirect file descriptor 2 to /dev/null inside a ``with`` block: C++ libraries (the
+    profiler's ``USDT ... profiler_start`` lines) write there directly, below Python's
+    ``sys.stderr``. Python's own warnings are silenced too while it is active."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        return False
+
+
+def profile_rows(prof, row_limit: int = 8) -> list[dict]:
+    """A short, narrow table of a ``torch.profiler`` run: the operators with the most self CPU
+    time, their calls, self ms and share of all self time (the profiler's own ``table()`` has a
+    dozen wide columns that wrap in a notebook)."""
+    check_positive_int("row_limit", row_limit)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"operator": e.key[:40], "calls": e.count, "self ms": e.self_cpu_time_total / 1e3,
+             "share": f"{e.self_cpu_time_total / total:.0%}"} for e in events[:row_limit]]
+
+
+# --------------------------------------------------------------------------- static-cache decode
+
+def static_decode_step(model, batch_size: int = 1, cache_len: int = 128, *, run=None,
+                       seed: int = 0) -> Callable[[], torch.Tensor]:
+    """One decode step of a ``utils.llama.CourseLlama`` over a ``StaticKVCache``, as a callable
+    to time. The cache (``cache_len`` positions, batch ``batch_size``) is filled by a prefill of
+    ``cache_len - 1`` seeded tokens; each call feeds one token per sequence at the last position
+    and returns the greedy next tokens (B, 1). Every call has the same shapes and writes the same
+    cache slot (attention always spans the whole static cache, masked), so repeated calls time
+    one decode step at a context of ``cache_len``. ``run``: the module to call instead of
+    ``model`` (its ``torch.compile`` d version), sharing the same cache."""
+    from utils.llama import StaticKVCache
+
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("cache_len", cache_len)
+    if cache_len < 2:
+        raise ValueError(f"cache_len must be >= 2 (a prompt and the decoded token), got {cache_len}")
+    base = getattr(model, "_orig_mod", model)
+    param = next(base.parameters())
+    cache = StaticKVCache(base.config, batch_size, cache_len, dtype=param.dtype,
+                          device=param.device)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, base.config.vocab_size, (batch_size, cache_len), generator=gen)
+    ids = ids.to(param.device)
+    run = model if run is None else run
+    with torch.inference_mode():
+        base(ids[:, :-1], cache, torch.arange(cache_len - 1, device=param.device))
+    token, position = ids[:, -1:], torch.tensor([cache_len - 1], device=param.device)
+
+    @torch.inference_mode()
+    def step():
+        return run(token, cache, position)[:, -1:].argmax(-1)
+
+    return step
+
+
 # --------------------------------------------------------------------------- report
 
 def report_rows(quick: bool = False) -> list[dict]:
     """Chapter 00's headline measurements (``python -m utils.report 00``), about 10-20 s on 2
     CPU cores: matmul GFLOP/s in fp32 and bf16 (labelled emulated where the CPU has no bf16 dot
     products), copy bandwidth, the course model's prefill and decode time per token, the
-    predicted vs measured batch-1 decode speed and the KV cache by formula vs measured.
-    ``quick``: the small model and short timings (a smoke test of the code path)."""
+    predicted vs measured batch-1 decode speed, the KV cache by formula vs measured, and the
+    speed model's rows (``speed_model_rows``: decode MBU, critical batch size, prefill MFU; about
+    10 s more). ``quick``: the small model, a small speed model and short timings (a smoke test
+    of the code path)."""
     from utils.bench import cpu_capabilities
     from utils.device import pick_device
     from utils.models import load_course_model
@@ -338,4 +567,45 @@ def report_rows(quick: bool = False) -> list[dict]:
         f"{prompt_len} tokens")
     add("KV cache, measured", kv["measured_bytes"], "bytes",
         f"{kv['cache']} tensors, {kv['layer_keys_shape']} per layer for K and for V")
+    rows.extend(speed_model_rows(bw["bytes_per_s"], quick=quick))
+    return rows
+
+
+def speed_model_rows(bandwidth: float, quick: bool = False) -> list[dict]:
+    """The size-realistic speed model (``utils.llama.speed_model_config()``, random weights,
+    fp32): batch-1 static-cache decode tokens/s and its MBU against ``bandwidth``, the critical
+    batch size predicted from the best fp32 matmul rate, and the MFU of a prefill. ``quick``: a
+    small configuration (hidden 512, 4 layers) with short timings."""
+    from utils.llama import CourseLlama, speed_model_config
+
+    config = speed_model_config(hidden_size=512, num_layers=4) if quick else speed_model_config()
+    min_run_time, cache_len, prompt = (0.05, 16, 16) if quick else (0.3, 64, 64)
+    torch.manual_seed(0)
+    model = CourseLlama.from_config(config)
+    threads = torch.get_num_threads()
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = model_weight_bytes(model)
+    name = f"speed model {n_params / 1e6:.0f}M"
+    cond = f"{name} fp32, static cache {cache_len}, cpu, {threads} threads"
+    step = time_fn(static_decode_step(model, 1, cache_len), label="decode step",
+                   min_run_time=min_run_time)
+    kv = kv_cache_bytes(config.num_layers, config.num_kv_heads, config.head_dim, cache_len, 1, 4)
+    tps = 1 / step.median_s
+    peak = peak_matmul_flops("fp32", 256 if quick else 1024, "cpu", min_run_time=min_run_time)
+    ids = torch.randint(0, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        prefill = time_fn(lambda: model(ids), label="prefill", min_run_time=min_run_time)
+    rows = []
+
+    def add(measurement, value, unit, conditions):
+        rows.append({"measurement": measurement, "value": float(value), "unit": unit,
+                     "conditions": conditions})
+
+    add(f"{name} decode, batch 1", tps, "tokens/s", cond)
+    add(f"{name} decode MBU", bandwidth_utilisation(tps, weights + kv, bandwidth), "fraction",
+        f"{(weights + kv) / 1e6:.0f} MB per token / copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    add("critical batch size, predicted", critical_batch_size(peak, bandwidth, 4), "sequences",
+        f"fp32 ridge {peak / bandwidth:.1f} FLOP/B x 4 bytes / 2")
+    add(f"{name} prefill MFU", flops_utilisation(prompt / prefill.median_s, 2 * n_params, peak),
+        "fraction", f"2N FLOPs/token, prompt {prompt}, vs best fp32 matmul {peak / 1e9:.0f} GFLOP/s")
     return rows

@@ -151,7 +151,25 @@ def _hidden_timer(rng):
                  raises="ValueError", label="percentile 0")]
 
 
-# --------------------------------------------------------------------------- 6: concept
+# --------------------------------------------------------------------------- 6: critical batch
+
+
+def _critical_batch(peak_gflops, bandwidth_gb_s, bytes_per_weight):
+    from utils.roofline import critical_batch_size
+
+    return critical_batch_size(peak_gflops * 1e9, bandwidth_gb_s * GB, bytes_per_weight)
+
+
+def _hidden_critical(rng):
+    cases = [Case((rng.choice([60, 150, 2_000, 312_000, 989_000]),
+                   rng.choice([20, 50, 900, 2039, 3350]), rng.choice([0.5, 1, 2, 4])))
+             for _ in range(5)]
+    return cases + [Case((100, 20, -2), raises="ValueError",
+                         hint="bytes_per_weight must be positive: raise ValueError"),
+                    Case((0, 20, 2), raises="ValueError", hint="a peak of 0 FLOP/s: raise ValueError")]
+
+
+# --------------------------------------------------------------------------- 7: concept
 
 DECODE_OPTIONS = ("a", "b", "c", "d")
 
@@ -226,6 +244,18 @@ SPEC = LabSpec(
             references=("utils.bench.latency_percentiles",),
             hint="time each call on its own (clock before and after), drop the warm-up calls, "
                  "sort, and take the nearest rank: the ceil(p/100 * n)-th smallest"),
+        Exercise(
+            name="decode_critical_batch", points=2,
+            title="The critical batch size of decode",
+            expected=_critical_batch,
+            public=(Case((312_000, 2039, 2), label="312 TFLOP/s bf16, 2039 GB/s, bf16 weights"),
+                    Case((150, 20, 4), label="a CPU: 150 GFLOP/s fp32, 20 GB/s, fp32 weights"),
+                    Case((100, 0, 4), raises="ValueError", label="bandwidth 0 (bad input)",
+                         hint="every argument must be a positive number; raise ValueError")),
+            hidden=_hidden_critical,
+            references=("utils.roofline.critical_batch_size",),
+            hint="intensity of a batch-B decode step = 2B / bytes_per_weight; set it equal to "
+                 "peak / bandwidth (both in the same units) and solve for B"),
         Exercise(
             name="ANSWER_DECODE_BOUND", points=1, kind="value",
             title="Why is batch-1 decode memory-bound?",
