@@ -483,3 +483,212 @@ def test_number_formats_table():
     rows = {r["format"]: r for r in Q.number_formats()}
     assert rows["bf16"]["step_near_1"] == 2 ** -7 and rows["fp16"]["max"] == 65504.0
     assert rows["int8"]["bytes"] == 1 and rows["nf4 (x absmax)"]["levels"] == "16"
+
+
+# -------------------------------------------------------------- fused kernels, SmoothQuant, AWQ, FP8, KIVI
+
+def test_groupwise_bits_per_weight_matches_stored_bytes():
+    assert Q.groupwise_bits_per_weight(4, 32) == 4 + 40 / 32 == 5.25
+    model = TinyMLP()
+    q = Q.quantize_copy(model, Q.WeightOnlyGroupwiseQuantHandler, 4, 32)
+    stored = q.up.weight.nbytes + q.up.scales.nbytes + q.up.zeros.nbytes  # counted by hand
+    assert stored * 8 / q.up.weight.numel() / 2 == Q.groupwise_bits_per_weight(4, 32)
+    with pytest.raises(ValueError, match="group_size must be"):
+        Q.groupwise_bits_per_weight(4, 0)
+
+
+@pytest.mark.parametrize("compute_dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fused_kernels_agree_with_the_readable_dequantize_path(compute_dtype, tol):
+    lin = nn.Linear(256, 96, bias=True)
+    x = torch.randn(3, 5, 256)
+    readable8 = Q.quantize_copy(nn.Sequential(lin), Q.WeightOnlyInt8QuantHandler, skip=())[0]
+    readable4 = Q.quantize_copy(nn.Sequential(lin), Q.WeightOnlyGroupwiseQuantHandler, 4, 32,
+                                skip=())[0]
+    fused8 = Q.FusedInt8Linear.from_readable(readable8, compute_dtype)
+    fused4 = Q.FusedInt4Linear.from_readable(readable4, compute_dtype)
+    with torch.no_grad():
+        for readable, fused in ((readable8, fused8), (readable4, fused4)):
+            ref = x @ readable.dequantized_weight().T + lin.bias if hasattr(
+                readable, "dequantized_weight") else readable(x)
+            got = fused(x)
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
+    assert fused8.weight.data_ptr() == readable8.weight.data_ptr()  # int8 buffers shared
+
+
+def test_fused_weight_only_copy_shares_floats_and_counts_bytes():
+    model = TinyMLP()
+    model.lm_head = nn.Linear(64, 16, bias=False)  # torch's int4 packing needs N % 16 == 0
+    f8 = Q.fused_weight_only_copy(model, 8)
+    f4 = Q.fused_weight_only_copy(model, 4, 32)
+    assert isinstance(f8.lm_head, Q.FusedInt8Linear) and isinstance(f4.up, Q.FusedInt4Linear)
+    assert type(model.up) is nn.Linear  # the original is intact
+    n = sum(m.weight.numel() for m in (model.up, model.down, model.lm_head))
+    rows = sum(m.out_features for m in (model.up, model.down, model.lm_head))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Q.FusedInt4Linear.from_linear(nn.Linear(64, 10), 32)
+    assert Q.linear_weight_bytes(f8) == n + 2 * rows  # int8 + one bf16 scale per row
+    assert Q.linear_weight_bytes(f4) == n / 2 + n / 32 * 2 * 2  # nibbles + bf16 (scale, offset)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        Q.fused_weight_only_copy(model, 3)
+
+
+def test_smoothquant_scales_by_hand_and_the_product_is_unchanged():
+    w = torch.tensor([[1.0, -4.0, 0.5], [-2.0, 1.0, 0.25]])
+    act = torch.tensor([8.0, 1.0, 0.5])
+    s = Q.smoothquant_scales(act, w, alpha=0.5)
+    expected = [math.sqrt(8.0) / math.sqrt(2.0), math.sqrt(1.0) / math.sqrt(4.0),
+                math.sqrt(0.5) / math.sqrt(0.5)]
+    assert s.tolist() == pytest.approx(expected, rel=1e-6)
+    s75 = Q.smoothquant_scales(act, w, alpha=0.75)
+    assert s75[0].item() == pytest.approx(8.0 ** 0.75 / 2.0 ** 0.25, rel=1e-6)
+    x = torch.randn(7, 3) * act
+    torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T)
+    # after smoothing, channel j's activation max and weight max are balanced (alpha = 0.5)
+    assert torch.allclose(act / s, w.abs().amax(0) * s, rtol=1e-5)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        Q.smoothquant_scales(act, w, alpha=1.5)
+    with pytest.raises(ValueError, match="act_absmax must be"):
+        Q.smoothquant_scales(act[:2], w)
+
+
+def test_smoothquant_helps_w8a8_on_an_outlier_channel():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(256, 64)
+    x[:, 5] *= 60  # one systematic outlier channel, as in LLM activations
+    absmax = x.abs().amax(0)
+    ref = lin(x).detach()
+    err = lambda m: (m(x) - ref).pow(2).mean().item()  # noqa: E731
+    with torch.no_grad():
+        assert err(Q.W8A8Linear(lin, Q.smoothquant_scales(absmax, lin.weight, 0.5))) < \
+            0.5 * err(Q.W8A8Linear(lin))
+
+
+def test_awq_loss_equals_the_output_error_and_search_beats_rtn():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    x = torch.randn(512, 64) * (torch.rand(64) * 4 + 0.1)  # channels of unequal magnitude
+    h = 2 * x.T @ x / x.shape[0]
+    s, alpha, losses = Q.awq_search_scale(w, x.abs().mean(0), h, bits=3, group_size=32, grid=10)
+    assert len(losses) == 11 and 0 <= alpha <= 1 and min(losses) == losses[round(alpha * 10)]
+    w_rtn = Q.fake_quantize(w, 3, False, "group", 32)
+    out_err = 2 * ((x @ (w_rtn - w).T) ** 2).sum().item() / x.shape[0] / w.shape[0]
+    assert losses[0] == pytest.approx(out_err, rel=1e-4)  # alpha = 0 is RTN
+    w_awq = Q.fake_quantize(w * s, 3, False, "group", 32) / s
+    assert ((x @ (w_awq - w).T) ** 2).mean() <= ((x @ (w_rtn - w).T) ** 2).mean()
+
+
+def _e2m1_grid():
+    """Every FP4 E2M1 value from its bits (1 sign, 2 exponent with bias 1, 1 mantissa)."""
+    values = set()
+    for sign in (1, -1):
+        for e in range(4):
+            for m in range(2):
+                v = (m / 2) if e == 0 else 2.0 ** (e - 1) * (1 + m / 2)
+                values.add(sign * v)
+    return sorted(values)
+
+
+def test_mxfp4_against_a_brute_force_nearest_e2m1_with_power_of_two_block_scales():
+    grid = torch.tensor(_e2m1_grid())
+    assert grid.abs().unique().tolist() == list(Q.FP4_E2M1_VALUES)
+    x = torch.randn(4, 64) * torch.tensor([1e-3, 1.0, 30.0, 1.0])[:, None]
+    got = Q.mxfp4_quantize(x)
+    for block, out in zip(x.reshape(-1, 32), got.reshape(-1, 32)):
+        _, e = torch.frexp(block.abs().max())  # max = m 2^e, m in [0.5, 1): floor(log2) = e - 1
+        scale = 2.0 ** (int(e) - 1 - 2)
+        v = (block / scale).clamp(-6, 6)
+        nearest = grid[(v[:, None] - grid[None]).abs().argmin(1)]
+        torch.testing.assert_close(out, nearest * scale)
+    # one block by hand: max 7.5 -> floor(log2 7.5) = 2, X = 2^0, 7.5 saturates to 6
+    block = torch.tensor([7.5, 0.25, 0.75, -1.25, 2.5, 5.0, -0.2, 0.0] + [0.0] * 24)
+    assert Q.mxfp4_quantize(block)[:8].tolist() == [6.0, 0.0, 1.0, -1.0, 2.0, 4.0, -0.0, 0.0]
+    assert Q.mxfp4_quantize(torch.zeros(32)).abs().sum() == 0
+    assert Q.mxfp4_bits_per_weight() == 4.25
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Q.mxfp4_quantize(torch.randn(3, 20))
+
+
+def _e4m3_grid():
+    values = set()
+    for e in range(16):
+        for m in range(8):
+            if e == 15 and m == 7:
+                continue  # the NaN code of E4M3 "fn": no infinities, max 448
+            v = (m / 8) * 2.0 ** -6 if e == 0 else 2.0 ** (e - 7) * (1 + m / 8)
+            values.update((v, -v))
+    return torch.tensor(sorted(values))
+
+
+def test_fp8_e4m3_matches_the_grid_built_from_its_bits():
+    grid = _e4m3_grid()
+    assert grid.max().item() == 448.0
+    w = torch.randn(8, 40)
+    got = Q.fp8_fake_quantize(w, "e4m3", "channel")
+    scale = w.abs().amax(1, keepdim=True) / 448
+    v = w / scale
+    nearest = grid[(v.reshape(-1, 1) - grid[None]).abs().argmin(1)].reshape(w.shape)
+    torch.testing.assert_close(got, nearest * scale)
+    e5 = Q.fp8_fake_quantize(w, "e5m2")
+    assert (e5 - w).pow(2).mean() > (got - w).pow(2).mean()  # 2 mantissa bits vs 3
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        Q.fp8_fake_quantize(w, "e3m4")
+
+
+def test_kivi_keys_per_channel_values_per_token_by_hand():
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 64, 8) * torch.tensor([1, 1, 1, 20.0, 1, 1, 1, 1])  # outlier channel
+    v = torch.randn(1, 2, 64, 8)
+    kq, vq = Q.kivi_fake_quantize(k, v, bits=4, group=32)
+    for t0 in (0, 32):  # keys: min-max over the 32 tokens of each channel, asymmetric 4-bit
+        blk = k[..., t0:t0 + 32, :]
+        lo, hi = blk.amin(-2, keepdim=True).clamp(max=0), blk.amax(-2, keepdim=True).clamp(min=0)
+        s = ((hi - lo) / 15).half().float()
+        z = torch.clamp(-torch.round(lo / s), 0, 15)
+        ref = s * (torch.clamp(torch.round(blk / s) + z, 0, 15) - z)
+        torch.testing.assert_close(kq[..., t0:t0 + 32, :], ref)
+    lo, hi = v.amin(-1, keepdim=True).clamp(max=0), v.amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 15).half().float()
+    z = torch.clamp(-torch.round(lo / s), 0, 15)
+    torch.testing.assert_close(vq, s * (torch.clamp(torch.round(v / s) + z, 0, 15) - z))
+    per_token = Q.kivi_fake_quantize(k.transpose(-1, -2), v, 4, 8)[0]  # sanity of the shape
+    assert per_token.shape == k.transpose(-1, -2).shape
+    # with an outlier channel, per-token keys (over head_dim) crush every other channel
+    layer = Q._QuantizedKVLayerImpl(4)
+    layer.dtype = k.dtype
+    tok = layer._dequantize(layer._quantize(k))
+    normal = torch.arange(8) != 3
+    assert (kq - k)[..., normal].pow(2).mean() < 0.1 * (tok - k)[..., normal].pow(2).mean()
+
+
+def test_kivi_cache_streams_like_the_batch_version_and_keeps_a_float_residual():
+    cls = Q.KIVILayer
+    layer = cls(4, 8)
+    k, v = torch.randn(1, 2, 21, 16), torch.randn(1, 2, 21, 16)
+    out_k = None
+    for t in range(21):  # decode: one token at a time
+        out_k, out_v = layer.update(k[..., t:t + 1, :], v[..., t:t + 1, :])
+    ref_k, ref_v = Q.kivi_fake_quantize(k, v, 4, 8)
+    torch.testing.assert_close(out_k, ref_k)
+    torch.testing.assert_close(out_v, ref_v)
+    assert torch.equal(out_k[..., 16:, :], k[..., 16:, :])  # 5 residual tokens stay float
+    with pytest.raises(ValueError, match="method must be one of"):
+        Q.make_quantized_kv_cache(2, 4, method="per-head")
+
+
+def test_dynamic_int8_skip_keeps_the_output_head_float():
+    model = TinyMLP()
+    q = Q.quantize_dynamic_int8(model, skip=("lm_head",))
+    assert type(q.lm_head) is nn.Linear and type(q.up) is not nn.Linear
+    assert Q.linear_weight_bytes(q, skip=("lm_head",)) < 0.3 * Q.linear_weight_bytes(
+        model, skip=("lm_head",))
+
+
+def test_format_error_table_orders_the_formats():
+    w = torch.randn(64, 256)
+    row = Q.format_error_table({"w": w}, 64)[0]
+    assert row["int8"] < row["fp8_e4m3"] < row["fp8_e5m2"] < row["int4_g64"]
+    assert row["nf4_b64"] < row["int4_g64"] * 1.5 and row["mxfp4"] < 0.05
+    bpw = Q.format_bits_per_weight(256, 64)
+    assert bpw["mxfp4"] == 4.25 and bpw["int4_g64"] == 4 + 40 / 64 and bpw["nf4_b64"] == 4.5

@@ -29,10 +29,21 @@ What is here, each the reference the notebook and lab check against:
   (per-channel int8) and ``WeightOnlyGroupwiseLinear`` (2..8 bits, groups, 4-bit stored packed),
   round-to-nearest (``WeightOnlyInt8QuantHandler``, ``WeightOnlyGroupwiseQuantHandler``) or GPTQ
   (Frantar et al., "GPTQ", ICLR 2023, Algorithm 1 with lazy batch updates; ``GPTQQuantHandler``).
-- KV-cache quantization as a ``transformers`` cache layer (``QuantizedKVLayer``).
+- torch's fused weight-only CPU kernels beside the readable path (``FusedInt8Linear``:
+  ``torch._weight_int8pack_mm``; ``FusedInt4Linear``: ``torch._convert_weight_to_int4pack_for_cpu``
+  and ``torch._weight_int4pack_mm_for_cpu``, as gpt-fast), and batch-1 decode timing on
+  ``utils.llama`` models (``decode_speed``, ``decode_rows``).
+- SmoothQuant (Xiao et al. 2023, Sec. 4: ``smoothquant_scales``, simulated W8A8 ``W8A8Linear``) and
+  AWQ (Lin et al. 2024, Sec. 3: ``awq_search_scale``, ``AWQQuantHandler``), calibrated by
+  ``collect_input_stats``.
+- FP8 E4M3 / E5M2 (``fp8_fake_quantize``) and OCP MXFP4 (OCP MX spec v1.0, Sec. 5 and 6.3:
+  ``mxfp4_quantize``), emulated; ``format_error_table`` compares them with int8, int4 and NF4.
+- KV-cache quantization as ``transformers`` cache layers: per token (``QuantizedKVLayer``) and
+  KIVI (Liu et al. 2024: keys per channel, values per token; ``KIVILayer``).
 - PyTorch dynamic int8 for MiniLM (``quantize_dynamic_int8``; ``torch.ao.quantization`` is
   deprecated in favour of torchao but still works in torch 2.13, and torchao is not installed here).
-- ``report_rows()``: the chapter's size/speed/quality table for ``python -m utils.report 02``.
+- ``report_rows()``: the chapter's size/speed/quality table for ``python -m utils.report 02``
+  (``groupwise_bits_per_weight``: what the course's group format stores per weight).
 
 Run the table headless::
 
@@ -330,7 +341,9 @@ def int8_gemm_terms(a_q: torch.Tensor, a_zp, b_q: torch.Tensor, b_zp) -> dict[st
             and a_q.shape[0] > 16 and k % 8 == 0 and b_q.shape[1] % 8 == 0:
         products = torch._int_mm(a_q, b_q)  # int8 x int8 -> int32 kernel
     else:
-        products = a32 @ b32  # (M, N), exact in int32 for K < 2^17
+        # (M, N), exact in int32 while K * max|product| < 2^31: int8 x int8 products are at most
+        # 2^14 in magnitude (K < 2^17); uint8 x uint8 products reach 255^2 < 2^16 (K < 2^15)
+        products = a32 @ b32
     return {"A_q B_q": products,  # (M, N); the next two broadcast to (M, N)
             "z_b rowsum(A_q)": b_zp * a32.sum(dim=1, keepdim=True, dtype=torch.int32),
             "z_a colsum(B_q)": a_zp * b32.sum(dim=0, keepdim=True, dtype=torch.int32),
@@ -827,6 +840,16 @@ def linear_weight_bytes(model: nn.Module, bit_packed: bool = False, skip=()) -> 
             if bit_packed and module.bits != 4:
                 values = math.ceil(module.in_features * module.out_features * module.bits / 8)
             total += values + module.scales.nbytes + module.zeros.nbytes
+            if isinstance(module, AWQLinear):
+                total += module.input_scale.nbytes
+        elif isinstance(module, FusedInt8Linear):
+            total += module.weight.nbytes + module.scales.nbytes
+        elif isinstance(module, FusedInt4Linear):  # packed values + fp32 scale and offset
+            total += module.packed.nbytes + module.scales_and_zeros.nbytes
+        elif isinstance(module, EmulatedFormatLinear):
+            total += math.ceil(module.weight.numel() * module.bits_per_weight / 8)
+        elif isinstance(module, W8A8Linear):  # int8 values, fp32 scale per row, smoothing
+            total += module.weight.numel() + 4 * module.out_features + module.smooth.nbytes
         elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
             w = module.weight()  # a quantized tensor: 1 byte per value, plus its scales
             total += w.numel() * w.element_size()
@@ -842,6 +865,468 @@ def serialized_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell()
+
+
+# --------------------------------------------------------------------------- bits per weight
+
+def groupwise_bits_per_weight(bits: int, group_size: int, scale_bits: int = 32,
+                              zero_bits: int = 8) -> float:
+    """Stored bits per weight of the course's group-wise format: ``bits`` per value plus one
+    ``scale_bits`` scale and one ``zero_bits`` zero point per group of ``group_size`` values
+    (fp32 scale and uint8 zero point: 4 + 40/32 = 5.25 bits at 4 bits, g = 32)."""
+    check_bits(bits)
+    check_positive_int("group_size", group_size)
+    return bits + (scale_bits + zero_bits) / group_size
+
+
+# --------------------------------------------------------------------------- fused CPU kernels
+
+class FusedInt8Linear(nn.Module):
+    """Weight-only int8 with torch's fused CPU kernel ``torch._weight_int8pack_mm(x, w, s)``
+    (x (M, K) float, w (N, K) int8, s (N,) in x's dtype: y = x (w s)^T without materialising a
+    float weight), as gpt-fast uses it on CPU. Same buffers as ``WeightOnlyInt8Linear``.
+    ``compute_dtype``: the activations are cast to it for the kernel (gpt-fast runs bf16; in
+    torch 2.13 the fp32 variant of these CPU kernels is a slow path), the output cast back."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias=None,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D int8 tensor, got {weight.dtype} "
+                             f"{tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scales", scales.to(compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    @classmethod
+    def from_readable(cls, module: "WeightOnlyInt8Linear",
+                      compute_dtype: torch.dtype = torch.bfloat16) -> "FusedInt8Linear":
+        return cls(module.weight, module.scales, module.bias, compute_dtype)  # shares buffers
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16):
+        q, scales, _ = dynamically_quantize_per_channel(linear.weight.detach().float())
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scales, bias, compute_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"compute_dtype={self.compute_dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+
+class FusedInt4Linear(nn.Module):
+    """Weight-only int4 with groups, with torch's fused CPU kernels (as gpt-fast on CPU):
+    ``torch._convert_weight_to_int4pack_for_cpu(q, 1)`` packs q (N, K) int32 in [0, 15] into
+    (N, K/2) uint8, and ``torch._weight_int4pack_mm_for_cpu(x, packed, g, scales_and_zeros)``
+    computes x W^T with W[n, k] = (q - 8) * scale + zero per group, scales_and_zeros (K/g, N, 2).
+    Our asymmetric format is W = s (q - z) with an integer z, i.e. scale = s, zero = s (8 - z)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, bias=None, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.out_features, self.in_features = q.shape
+        self.group_size = _check_group_size(group_size, self.in_features)
+        if self.out_features % 16:
+            raise ValueError(f"out_features must be a multiple of 16 for torch's int4 CPU "
+                             f"packing, got {self.out_features}")
+        s = scales.float()  # (N, G)
+        offset = s * (8 - zeros.float())
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), 1))
+        self.register_buffer("scales_and_zeros",  # stored in compute_dtype (bf16: 2 x 16 bits
+                             torch.stack([s, offset], -1).transpose(0, 1)  # per group)
+                             .to(compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    @classmethod
+    def from_readable(cls, module: "WeightOnlyGroupwiseLinear",
+                      compute_dtype: torch.dtype = torch.bfloat16) -> "FusedInt4Linear":
+        if module.bits != 4:
+            raise ValueError(f"module.bits must be 4 for the int4 kernel, got {module.bits}")
+        q = module.int_weight().reshape(module.out_features, module.in_features)
+        return cls(q, module.scales, module.zeros, module.group_size, module.bias, compute_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32,
+                    compute_dtype: torch.dtype = torch.bfloat16):
+        qt = quantize_tensor(linear.weight.detach().float(), 4, False, "group", group_size)
+        n = linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(qt.q.reshape(n, -1), qt.scale.reshape(n, -1), qt.zero_point.reshape(n, -1),
+                   group_size, bias, compute_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, compute_dtype={self.compute_dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
+                                              self.scales_and_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+
+def fused_weight_only_copy(model: nn.Module, bits: int = 8, group_size: int = 32, skip=(),
+                           compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A copy of ``model`` (sharing its other parameters) whose Linear layers (all but those
+    ending with ``skip``: by default the output head too) are ``FusedInt8Linear`` (``bits=8``,
+    per channel) or ``FusedInt4Linear`` (``bits=4``, groups of ``group_size``), built straight
+    from the float weights: for the decode benchmark on a large model."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 for torch's fused CPU kernels, got {bits!r}")
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    out = copy.deepcopy(model, memo)
+    for name, linear in find_linears(out, skip).items():
+        new = FusedInt8Linear.from_linear(linear, compute_dtype) if bits == 8 else \
+            FusedInt4Linear.from_linear(linear, group_size, compute_dtype)
+        replace_module(out, name, new)
+    return out.eval()
+
+
+def fused_copy(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A copy of a weight-only quantized ``model`` whose ``WeightOnlyInt8Linear`` and 4-bit
+    ``WeightOnlyGroupwiseLinear`` modules run torch's fused CPU kernels (``FusedInt8Linear``,
+    ``FusedInt4Linear``). Parameters and int8 buffers are shared with ``model``, not copied."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    fused = copy.deepcopy(model, memo)
+    for name, module in list(fused.named_modules()):
+        if isinstance(module, WeightOnlyInt8Linear):
+            replace_module(fused, name, FusedInt8Linear.from_readable(module, compute_dtype))
+        elif isinstance(module, WeightOnlyGroupwiseLinear) and module.bits == 4 \
+                and not isinstance(module, AWQLinear):
+            replace_module(fused, name, FusedInt4Linear.from_readable(module, compute_dtype))
+    return fused
+
+
+def shared_quantize_copy(model: nn.Module, handler_cls, *args, **kwargs) -> nn.Module:
+    """``quantize_copy`` without duplicating the float weights first: the copy shares every
+    parameter of ``model`` until its handler swaps the Linear layers (for models of 1 GB+)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return handler_cls(copy.deepcopy(model, memo), *args, **kwargs).quantize()
+
+
+def decode_speed(models: dict, prompt_len: int = 32, min_run_time: float = 0.5,
+                 weight_bytes: dict | None = None) -> dict[str, dict]:
+    """Batch-1 decode of ``utils.llama.CourseLlama`` variants, timed side by side in one
+    ``utils.bench.compare`` run: each call is one decode step (one token against a static KV
+    cache holding ``prompt_len`` tokens). Returns ``{label: {"median_ms", "speedup",
+    "tokens_per_s", "weight_bytes_per_s"}}`` (the last when ``weight_bytes[label]``, the bytes of
+    weights one step reads, is given)."""
+    from utils.bench import compare
+    from utils.llama import StaticKVCache
+
+    check_positive_int("prompt_len", prompt_len)
+    steps = {}
+    with torch.inference_mode():
+        for label, m in models.items():
+            cache = StaticKVCache(m.config, 1, prompt_len + 1)
+            ids = torch.randint(0, m.config.vocab_size, (1, prompt_len),
+                                generator=torch.Generator().manual_seed(0))
+            m(ids, cache, torch.arange(prompt_len))  # prefill
+            tok, pos = ids[:, -1:], torch.tensor([prompt_len])
+            steps[label] = (lambda m=m, c=cache, t=tok, p=pos: m(t, c, p))
+        timings = compare(steps, min_run_time=min_run_time, warmup=1)
+    out = {}
+    for label, t in timings.items():
+        row = {"median_ms": t["median_ms"], "speedup": t["speedup"],
+               "tokens_per_s": 1e3 / t["median_ms"]}
+        if weight_bytes and label in weight_bytes:
+            row["weight_bytes_per_s"] = weight_bytes[label] / (t["median_ms"] / 1e3)
+        out[label] = row
+    return out
+
+
+# --------------------------------------------------------------------------- calibration statistics
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, calibration_ids: torch.Tensor, skip=("lm_head",),
+                        batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
+    """Per input channel of every target Linear: ``absmax`` = max |x_j| and ``absmean`` =
+    mean |x_j| over all calibration tokens (SmoothQuant uses the first, AWQ the second)."""
+    if calibration_ids.dim() != 2:
+        raise ValueError(f"calibration_ids must be (sequences, tokens), got "
+                         f"{tuple(calibration_ids.shape)}")
+    targets = find_linears(model, skip)
+    stats = {n: {"absmax": torch.zeros(m.in_features), "abssum": torch.zeros(m.in_features,
+                                                                             dtype=torch.float64),
+                 "count": 0} for n, m in targets.items()}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, module.in_features).float().abs()
+            st = stats[name]
+            st["absmax"] = torch.maximum(st["absmax"], x.amax(0))
+            st["abssum"] += x.sum(0, dtype=torch.float64)
+            st["count"] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    try:
+        for batch in calibration_ids.split(batch_size):
+            model(input_ids=batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: {"absmax": st["absmax"], "absmean": (st["abssum"] / st["count"]).float()}
+            for n, st in stats.items()}
+
+
+# --------------------------------------------------------------------------- SmoothQuant (W8A8)
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5,
+                       eps: float = 1e-5) -> torch.Tensor:
+    """SmoothQuant (Xiao et al. 2023, Sec. 4, eq. 4): s_j = max|X_j|^alpha / max|W_j|^(1-alpha)
+    for every input channel j, max|W_j| over the output rows of the PyTorch weight (out, in).
+    Y = (X diag(s)^-1)(diag(s) W^T): activations are divided by s, weight columns multiplied."""
+    check_tensor("act_absmax", act_absmax, floating=True, nonempty=True)
+    check_tensor("weight", weight, floating=True, nonempty=True)
+    if weight.dim() != 2 or act_absmax.shape != (weight.shape[1],):
+        raise ValueError(f"act_absmax must be ({weight.shape[-1]},) for weight (out, in), got "
+                         f"{tuple(act_absmax.shape)} and {tuple(weight.shape)}")
+    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    w_absmax = weight.detach().float().abs().amax(0).clamp(min=eps)  # (in,)
+    s = act_absmax.float().clamp(min=eps).pow(alpha) / w_absmax.pow(1 - alpha)
+    return s.clamp(min=eps)
+
+
+class W8A8Linear(nn.Module):
+    """Simulated W8A8 (int8 weights and int8 activations, as SmoothQuant runs them): weights
+    symmetric int8 per output channel, activations symmetric int8 per tensor, scale from each
+    batch (dynamic), both dequantized before an fp32 matmul, which equals the integer GEMM up to
+    fp32 rounding. With ``smooth`` (in,), x is divided by it and the weight's columns multiplied
+    by it before quantization (in a deployment the division folds into the previous norm)."""
+
+    def __init__(self, linear: nn.Linear, smooth: torch.Tensor | None = None):
+        super().__init__()
+        w = linear.weight.detach().float()
+        smooth = torch.ones(w.shape[1]) if smooth is None else smooth.float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("smooth", smooth)
+        self.register_buffer("weight", fake_quantize(w * smooth, 8, True, "channel"))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.float() / self.smooth
+        scale = xs.abs().amax().clamp(min=1e-8) / 127
+        xq = torch.clamp(torch.round(xs / scale), -127, 127) * scale
+        return F.linear(xq, self.weight, self.bias).to(x.dtype)
+
+
+def smoothquant_copy(model: nn.Module, stats: dict | None = None, alpha: float | None = 0.5,
+                     skip=("lm_head",)) -> nn.Module:
+    """A copy of ``model`` with every target Linear replaced by ``W8A8Linear``; smoothed with
+    ``smoothquant_scales(stats[name]["absmax"], weight, alpha)`` unless ``alpha`` is None."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    out = copy.deepcopy(model, memo)
+    for name, linear in find_linears(out, skip).items():
+        smooth = None if alpha is None else smoothquant_scales(stats[name]["absmax"],
+                                                               linear.weight, alpha)
+        replace_module(out, name, W8A8Linear(linear, smooth))
+    return out.eval()
+
+
+# --------------------------------------------------------------------------- AWQ (W4A16)
+
+def awq_search_scale(weight: torch.Tensor, act_absmean: torch.Tensor, hessian: torch.Tensor,
+                     bits: int = 4, group_size: int = 128, grid: int = 20):
+    """AWQ (Lin et al. 2024, Sec. 3.2-3.3): per-input-channel scales s = s_X^alpha, s_X the mean
+    |x_j| of the calibration activations, alpha searched on {0, 1/grid, ..., 1} to minimise the
+    layer-output error ||Q(W diag(s)) diag(s)^-1 X - W X||^2, evaluated exactly from H = 2 X^T X
+    / n as tr(dW H dW^T) (dW = the weight error). Q is group-wise asymmetric round-to-nearest.
+    s is normalised by sqrt(max(s) min(s)) as in the authors' code. Returns
+    ``(s (in,), best alpha, losses per alpha)``; alpha = 0 is plain RTN."""
+    check_bits(bits)
+    w = weight.detach().float()
+    h = hessian.float()
+    sx = act_absmean.float().clamp(min=1e-6)
+    losses, best = [], (None, None, float("inf"))
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = sx.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        w_hat = fake_quantize(w * s, bits, False, "group", group_size) / s
+        dw = w_hat - w
+        loss = torch.einsum("ij,jk,ik->", dw, h, dw).item() / w.shape[0]
+        losses.append(loss)
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], losses
+
+
+class AWQLinear(WeightOnlyGroupwiseLinear):
+    """A ``WeightOnlyGroupwiseLinear`` holding Q(W diag(s)) and dividing its input by s (in a
+    deployment s folds into the previous operator, so the runtime cost is that of RTN)."""
+
+    def __init__(self, in_features, out_features, bits=4, group_size=128, bias=False):
+        super().__init__(in_features, out_features, bits, group_size, bias)
+        self.register_buffer("input_scale", torch.ones(in_features))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return super().dequantized_weight() / self.input_scale  # W ~ Q(W s) / s
+
+
+class AWQQuantHandler(WeightOnlyGroupwiseQuantHandler):
+    """AWQ: ``awq_search_scale`` per layer from ``stats`` (``collect_input_stats``) and
+    ``hessians`` (``collect_hessians``), then round-to-nearest of W diag(s)."""
+
+    def __init__(self, model, bits=4, group_size=128, stats=None, hessians=None, grid=20,
+                 skip=("lm_head",)):
+        super().__init__(model, bits, group_size, skip)
+        if stats is None or hessians is None:
+            raise ValueError("AWQ needs stats (collect_input_stats) and hessians "
+                             "(collect_hessians)")
+        self.stats, self.hessians, self.grid, self.alphas = stats, hessians, grid, {}
+
+    @torch.no_grad()
+    def create_quantized_state_dict(self):
+        state = dict(self.model.state_dict())
+        for name, linear in find_linears(self.model, self.skip).items():
+            g = self.group_size or linear.in_features
+            s, alpha, _ = awq_search_scale(linear.weight, self.stats[name]["absmean"],
+                                           self.hessians[name], self.bits, g, self.grid)
+            self.alphas[name] = alpha
+            qt = quantize_tensor(linear.weight.float() * s, self.bits, False, "group", g)
+            for key, value in _groupwise_buffers(qt.q, qt.scale, qt.zero_point, self.bits,
+                                                 linear.out_features).items():
+                state[f"{name}.{key}"] = value
+            state[f"{name}.input_scale"] = s
+        return state
+
+    def _new_linear(self, linear):
+        return AWQLinear(linear.in_features, linear.out_features, self.bits, self.group_size,
+                         bias=linear.bias is not None)
+
+
+# --------------------------------------------------------------------------- FP8 and MXFP4
+
+FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # OCP MX v1.0 Sec. 5.3.3
+MX_BLOCK = 32  # OCP MX v1.0 Sec. 5, Table 1: k = 32 for MXFP4
+FP4_E2M1_EMAX = 2  # largest exponent of E2M1: 6 = 1.5 x 2^2
+
+
+def fp8_fake_quantize(w: torch.Tensor, fmt: str = "e4m3", granularity: str = "channel"):
+    """FP8 emulated on CPU: scale so that max|w| maps to the format's largest finite value
+    (448 for E4M3, 57344 for E5M2), one fp32 scale per output row (``channel``) or per tensor,
+    cast with torch's ``float8_e4m3fn`` / ``float8_e5m2`` (round to nearest even), cast back."""
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fmt must be one of {tuple(FP8_FORMATS)}, got {fmt!r}")
+    check_tensor("w", w, floating=True, nonempty=True)
+    dtype, fmax = FP8_FORMATS[fmt]
+    rows = _rows_view(w.detach().float(), granularity, None)
+    scale = rows.abs().amax(1, keepdim=True) / fmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (rows / scale).clamp(-fmax, fmax).to(dtype)
+    return (q.float() * scale).reshape(w.shape)
+
+
+def mxfp4_quantize(x: torch.Tensor) -> torch.Tensor:
+    """OCP microscaling MXFP4 (OCP MX spec v1.0, Sec. 5 and 6.3), emulated: the last dimension in
+    blocks of 32; each block shares one power-of-two scale X = 2^(floor(log2 max|V|) - 2) (E8M0,
+    exponent clamped to [-127, 127]; 2 = E2M1's largest exponent), and each V_i / X is rounded to
+    the nearest FP4 E2M1 value (0, 0.5, 1, 1.5, 2, 3, 4, 6, and negatives; ties to the even
+    mantissa), values beyond 6 saturating to 6. Returns the dequantized tensor (float32)."""
+    check_tensor("x", x, floating=True, nonempty=True)
+    if x.shape[-1] % MX_BLOCK:
+        raise ValueError(f"x's last dimension must be a multiple of {MX_BLOCK}, got "
+                         f"{tuple(x.shape)}")
+    blocks = x.detach().float().reshape(-1, MX_BLOCK)
+    amax = blocks.abs().amax(1, keepdim=True)
+    exp = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
+    shared = torch.clamp(exp - FP4_E2M1_EMAX, -127, 127)
+    scale = torch.where(amax > 0, torch.exp2(shared), torch.ones_like(amax))
+    v = (blocks / scale).abs()
+    grid = torch.tensor(FP4_E2M1_VALUES)
+    mid = (grid[1:] + grid[:-1]) / 2
+    idx = torch.bucketize(v, mid)  # v == mid[i] -> i (the lower value)
+    tie = (idx < len(mid)) & (v == mid[idx.clamp(max=len(mid) - 1)]) & (idx % 2 == 1)
+    idx = torch.where(tie, idx + 1, idx)  # ties to the even mantissa: even index in the grid
+    q = grid[idx] * torch.sign(blocks)
+    return (q * scale).reshape(x.shape)
+
+
+def mxfp4_bits_per_weight(block: int = MX_BLOCK) -> float:
+    """4 bits per element + one 8-bit E8M0 scale per block: 4.25 at 32."""
+    return 4 + 8 / block
+
+
+def format_error_table(weights: dict[str, torch.Tensor], block_size: int = 64) -> list[dict]:
+    """Relative MSE (error power / signal power) on the same weights of: int8 per channel, FP8
+    E4M3 and E5M2 per channel, int4 asymmetric groups of ``block_size`` (RTN), NF4 blocks of
+    ``block_size``, and MXFP4 (blocks of 32, E8M0 scales), with each format's bits per weight."""
+    rows = []
+    for name, w in weights.items():
+        w = w.detach().float()
+        signal = w.pow(2).mean().item()
+        rel = lambda a: (a - w).pow(2).mean().item() / signal  # noqa: E731
+        packed, absmax = quantize_nf4(w, block_size)
+        rows.append({
+            "weight": name,
+            "int8": rel(fake_quantize(w, 8, True, "channel")),
+            "fp8_e4m3": rel(fp8_fake_quantize(w, "e4m3")),
+            "fp8_e5m2": rel(fp8_fake_quantize(w, "e5m2")),
+            f"int4_g{block_size}": rel(fake_quantize(w, 4, False, "group", block_size)),
+            f"nf4_b{block_size}": rel(dequantize_nf4(packed, absmax, w.shape)),
+            "mxfp4": rel(mxfp4_quantize(w))})
+    return rows
+
+
+def format_bits_per_weight(in_features: int, block_size: int = 64) -> dict[str, float]:
+    """Bits per weight of the formats of ``format_error_table`` (fp32 scales per channel of
+    ``in_features`` values; uint8 zero points for int4)."""
+    return {"int8": 8 + 32 / in_features, "fp8_e4m3": 8 + 32 / in_features,
+            "fp8_e5m2": 8 + 32 / in_features,
+            f"int4_g{block_size}": groupwise_bits_per_weight(4, block_size),
+            f"nf4_b{block_size}": nf4_bits_per_parameter(block_size),
+            "mxfp4": mxfp4_bits_per_weight()}
+
+
+class EmulatedFormatLinear(nn.Module):
+    """A Linear whose weight is stored in an emulated number format (``fp8_e4m3``, ``fp8_e5m2``
+    per output channel, ``mxfp4``, ``nf4`` blocks of 64): the dequantized weight is kept in fp32
+    for the matmul; ``bits_per_weight`` is what the format stores (for the size column)."""
+
+    FORMATS = ("fp8_e4m3", "fp8_e5m2", "mxfp4", "nf4")
+
+    def __init__(self, linear: nn.Linear, fmt: str):
+        super().__init__()
+        if fmt not in self.FORMATS:
+            raise ValueError(f"fmt must be one of {self.FORMATS}, got {fmt!r}")
+        w = linear.weight.detach().float()
+        self.fmt, self.in_features, self.out_features = fmt, linear.in_features, linear.out_features
+        if fmt.startswith("fp8"):
+            deq, bpw = fp8_fake_quantize(w, fmt[4:]), 8 + 32 / w.shape[1]
+        elif fmt == "mxfp4":
+            deq, bpw = mxfp4_quantize(w), mxfp4_bits_per_weight()
+        else:
+            deq, bpw = dequantize_nf4(*quantize_nf4(w, 64), w.shape), nf4_bits_per_parameter(64)
+        self.bits_per_weight = bpw
+        self.register_buffer("weight", deq)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else
+                        self.bias.to(x.dtype))
+
+
+def emulated_format_copy(model: nn.Module, fmt: str, skip=("lm_head",)) -> nn.Module:
+    """A copy of ``model`` with every target Linear in ``EmulatedFormatLinear(fmt)``."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    out = copy.deepcopy(model, memo)
+    for name, linear in find_linears(out, skip).items():
+        replace_module(out, name, EmulatedFormatLinear(linear, fmt))
+    return out.eval()
 
 
 # --------------------------------------------------------------------------- dynamic int8 (MiniLM)
@@ -877,7 +1362,7 @@ def _dynamic_int8_linear_class():
 
 
 def quantize_dynamic_int8(model: nn.Module, per_channel: bool = True,
-                          reduce_range: bool | None = None) -> nn.Module:
+                          reduce_range: bool | None = None, skip=()) -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` replaced by PyTorch's dynamic int8 Linear:
     int8 weights (symmetric, per output channel or per tensor), activations quantized per batch at
     run time from their min-max (asymmetric uint8), int8 GEMM in fbgemm/oneDNN with int32
@@ -887,7 +1372,8 @@ def quantize_dynamic_int8(model: nn.Module, per_channel: bool = True,
     (see ``_dynamic_int8_linear_class``). ``torch.ao.quantization.quantize_dynamic`` is deprecated
     (its replacement is torchao's ``Int8DynamicActivationInt8WeightConfig``) but still works in
     torch 2.13; torchao is not installed in this course's environment, so we use it and silence
-    its deprecation warning.
+    its deprecation warning. ``skip``: Linear layers whose name ends with one of these stay float
+    (``("lm_head",)`` makes the course model's rows like-for-like with the weight-only ones).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -896,7 +1382,9 @@ def quantize_dynamic_int8(model: nn.Module, per_channel: bool = True,
 
         qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
         linear_cls = _dynamic_int8_linear_class()
-        qmodel = quantize_dynamic(copy.deepcopy(model), {nn.Linear: qconfig}, dtype=torch.qint8,
+        spec = {nn.Linear: qconfig} if not skip else {
+            name: qconfig for name in find_linears(model, skip)}  # by name: ``skip`` stays float
+        qmodel = quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8,
                                   mapping={nn.Linear: linear_cls})
     reduce = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
     for module in qmodel.modules():
@@ -913,12 +1401,22 @@ def _kv_base_layer():
     return BaseQuantizedLayer
 
 
-def make_quantized_kv_cache(num_layers: int, bits: int = 8):
-    """A ``transformers`` Cache whose layers store K and V as b-bit integers (see
-    ``QuantizedKVLayer``). Pass it as ``past_key_values=`` with ``use_cache=True``."""
+KV_METHODS = ("per-token", "kivi")
+
+
+def make_quantized_kv_cache(num_layers: int, bits: int = 8, method: str = "per-token",
+                            group: int = 32):
+    """A ``transformers`` Cache whose layers store K and V as b-bit integers: ``per-token``
+    (``QuantizedKVLayer``: keys and values per token) or ``kivi`` (``KIVILayer``: keys per
+    channel over groups of ``group`` tokens, values per token). Pass it as ``past_key_values=``
+    with ``use_cache=True``."""
     from transformers.cache_utils import Cache
 
     check_bits(bits)
+    if method not in KV_METHODS:
+        raise ValueError(f"method must be one of {KV_METHODS}, got {method!r}")
+    if method == "kivi":
+        return Cache(layers=[_kivi_layer_class()(bits, group) for _ in range(num_layers)])
     layer_cls = _quantized_kv_layer_class()
     return Cache(layers=[layer_cls(bits) for _ in range(num_layers)])
 
@@ -979,9 +1477,80 @@ def _quantized_kv_layer_class():
     return _KV_LAYER_CLASS[0]
 
 
+class _KIVILayerImpl(_QuantizedKVLayerImpl):
+    """KIVI (Liu et al. 2024, Sec. 3-4): keys quantized **per channel** (one scale and zero point
+    per head_dim channel over a group of ``group`` consecutive tokens), values **per token** (over
+    head_dim), both asymmetric b-bit with fp16 scales and uint8 zero points. Tokens that do not
+    fill a group yet stay in full precision (KIVI's residual), so a cache holds at most
+    ``group - 1`` float tokens per layer; once a group is full it is quantized."""
+
+    def __init__(self, bits: int = 4, group: int = 32):
+        super().__init__(bits)
+        self.group = check_positive_int("group", group)
+        self._res_k = self._res_v = None
+
+    def _quantize_keys(self, k):  # (B, H, G, D): per channel over the G tokens
+        kt = k.transpose(-1, -2).contiguous()  # (B, H, D, G): rows are channels
+        return self._quantize(kt)
+
+    def _dequantize_keys(self, stored):
+        return self._dequantize(stored).transpose(-1, -2)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._quantized_keys, self._quantized_values = [], []
+            self._res_k = key_states[..., :0, :]
+            self._res_v = value_states[..., :0, :]
+        self.cumulative_length += key_states.shape[-2]
+        self._res_k = torch.cat([self._res_k, key_states], dim=-2)
+        self._res_v = torch.cat([self._res_v, value_states], dim=-2)
+        full = self._res_k.shape[-2] // self.group * self.group
+        for t0 in range(0, full, self.group):
+            chunk = self._res_k[..., t0:t0 + self.group, :]
+            self._quantized_keys.append(self._quantize_keys(chunk))
+            self._quantized_values.append(self._quantize(self._res_v[..., t0:t0 + self.group, :]))
+        self._res_k, self._res_v = self._res_k[..., full:, :], self._res_v[..., full:, :]
+        keys = torch.cat([self._dequantize_keys(s) for s in self._quantized_keys] + [self._res_k],
+                         dim=-2)
+        values = torch.cat([self._dequantize(s) for s in self._quantized_values] + [self._res_v],
+                           dim=-2)
+        return keys, values
+
+    def stored_bytes(self) -> int:
+        residual = 0 if self._res_k is None else self._res_k.nbytes + self._res_v.nbytes
+        return super().stored_bytes() + residual
+
+
+_KIVI_LAYER_CLASS = []
+
+
+def _kivi_layer_class():
+    if not _KIVI_LAYER_CLASS:
+        _KIVI_LAYER_CLASS.append(type("KIVILayer", (_KIVILayerImpl, _kv_base_layer()),
+                                      {"__doc__": _KIVILayerImpl.__doc__,
+                                       "__module__": __name__}))
+    return _KIVI_LAYER_CLASS[0]
+
+
+def kivi_fake_quantize(k: torch.Tensor, v: torch.Tensor, bits: int = 4, group: int = 32):
+    """KIVI on whole tensors (B, H, T, D), for tests and plots: keys per channel over groups of
+    ``group`` tokens, values per token; the last T mod group tokens stay float."""
+    layer = _KIVILayerImpl.__new__(_KIVILayerImpl)
+    _KIVILayerImpl.__init__(layer, bits, group)
+    layer.dtype = k.dtype
+    full = k.shape[-2] // group * group
+    ks = [layer._dequantize_keys(layer._quantize_keys(k[..., t:t + group, :]))
+          for t in range(0, full, group)]
+    vs = [layer._dequantize(layer._quantize(v[..., t:t + group, :])) for t in range(0, full, group)]
+    return torch.cat(ks + [k[..., full:, :]], -2), torch.cat(vs + [v[..., full:, :]], -2)
+
+
 def __getattr__(name):  # ``from utils.quantization import QuantizedKVLayer`` works too
     if name == "QuantizedKVLayer":
         return _quantized_kv_layer_class()
+    if name == "KIVILayer":
+        return _kivi_layer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -1001,12 +1570,14 @@ class WithQuantizedKVCache(nn.Module):
     """Wraps a causal LM so that every forward runs with a fresh quantized KV cache (for
     ``utils.metrics.perplexity`` and ``compare_next_token``)."""
 
-    def __init__(self, model: nn.Module, bits: int = 8):
+    def __init__(self, model: nn.Module, bits: int = 8, method: str = "per-token",
+                 group: int = 32):
         super().__init__()
-        self.model, self.bits = model, check_bits(bits)
+        self.model, self.bits, self.method, self.group = model, check_bits(bits), method, group
 
     def forward(self, input_ids, **kwargs):
-        cache = make_quantized_kv_cache(self.model.config.num_hidden_layers, self.bits)
+        cache = make_quantized_kv_cache(self.model.config.num_hidden_layers, self.bits,
+                                        self.method, self.group)
         return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
 
 
@@ -1096,37 +1667,49 @@ def minilm_dynamic_int8_rows(batch_size: int = 8, seq_len: int = 128,
 
 
 def teacher_variants(model, tokenizer, gptq_sequences: int = 16) -> dict[str, tuple]:
-    """The weight-only variants of the chapter's table: ``{label: (bits, quantized copy)}``:
-    int8 per channel, int4 round-to-nearest (RTN) with groups of 32 and 128, GPTQ int4 g=128, and
-    3-bit RTN vs GPTQ g=128 (GPTQ from one set of Hessians on ``gptq_sequences`` x 256 training
-    tokens)."""
-    hessians = collect_hessians(model, calibration_tokens(tokenizer, gptq_sequences))
+    """The weight-only and W8A8 variants of the chapter's table: ``{label: (bits, quantized
+    copy)}``: int8 per channel, int4 round-to-nearest (RTN) with groups of 32 and 128, GPTQ and
+    AWQ int4 g=128, 3-bit RTN vs GPTQ g=128, FP8 E4M3 and MXFP4 (emulated), and W8A8 with and
+    without SmoothQuant (alpha 0.5). GPTQ, AWQ and SmoothQuant calibrate on one set of
+    ``gptq_sequences`` x 256 training tokens. The output head stays fp32 (tied) in every row."""
+    calib = calibration_tokens(tokenizer, gptq_sequences)
+    hessians = collect_hessians(model, calib)
+    stats = collect_input_stats(model, calib)
     widths = [m.in_features for m in find_linears(model).values()]
     g = 128 if all(w % 128 == 0 for w in widths) else 64  # the small model has 192 columns
     rtn, gptq = WeightOnlyGroupwiseQuantHandler, GPTQQuantHandler
     return {
-        "int8 per-channel": (8, quantize_copy(model, WeightOnlyInt8QuantHandler)),
-        "int4 RTN g=32": (4, quantize_copy(model, rtn, 4, 32)),
-        f"int4 RTN g={g}": (4, quantize_copy(model, rtn, 4, g)),
-        f"int4 GPTQ g={g}": (4, quantize_copy(model, gptq, None, 4, g, hessians=hessians)),
-        f"int3 RTN g={g}": (3, quantize_copy(model, rtn, 3, g)),
-        f"int3 GPTQ g={g}": (3, quantize_copy(model, gptq, None, 3, g, hessians=hessians)),
+        "weight-only int8 per-channel": (8, quantize_copy(model, WeightOnlyInt8QuantHandler)),
+        "weight-only FP8 E4M3 per-channel (emulated)": (8, emulated_format_copy(model, "fp8_e4m3")),
+        "weight-only int4 RTN g=32": (4, quantize_copy(model, rtn, 4, 32)),
+        f"weight-only int4 RTN g={g}": (4, quantize_copy(model, rtn, 4, g)),
+        f"weight-only int4 GPTQ g={g}": (4, quantize_copy(model, gptq, None, 4, g,
+                                                          hessians=hessians)),
+        f"weight-only int4 AWQ g={g}": (4, quantize_copy(model, AWQQuantHandler, 4, g,
+                                                         stats=stats, hessians=hessians)),
+        "weight-only MXFP4 (emulated)": (4, emulated_format_copy(model, "mxfp4")),
+        f"weight-only int3 RTN g={g}": (3, quantize_copy(model, rtn, 3, g)),
+        f"weight-only int3 GPTQ g={g}": (3, quantize_copy(model, gptq, None, 3, g,
+                                                          hessians=hessians)),
+        "W8A8 per-tensor activations": (8, smoothquant_copy(model, stats, None)),
+        "W8A8 SmoothQuant alpha=0.5": (8, smoothquant_copy(model, stats, 0.5)),
     }
 
 
 def teacher_rows(name: str = "teacher", max_tokens: int = 8192, latency: bool = True,
                  min_run_time: float = 0.2) -> list[dict]:
-    """The course model in fp32, dynamic int8, its ``teacher_variants``, int8/int4 KV caches:
-    Linear weight bytes, latency ratio of a (1, 256) forward against fp32 in the same run (dynamic
-    int8, weight-only int8 and int4 g=32), held-out perplexity and next-token agreement on
-    ``max_tokens`` tokens."""
+    """The course model in fp32, dynamic int8, its ``teacher_variants``, and KV caches (int8 and
+    int4 per token, int4 KIVI): Linear weight bytes of the decoder (the tied output head is fp32
+    in every row and left out of every count), prefill latency ratio of a (1, 256) forward
+    against fp32 in the same run (dynamic int8, weight-only int8 and int4 g=32), held-out
+    perplexity and next-token agreement on ``max_tokens`` tokens."""
     from utils.bench import compare
     from utils.models import encode_split, load_course_model
 
     model, tok = load_course_model(name)
     val_ids = encode_split("validation", tok)
-    variants = {"dynamic int8 (torch.ao)": (8, quantize_dynamic_int8(model))}
-    variants.update({f"weight-only {k}": v for k, v in teacher_variants(model, tok).items()})
+    variants = {"dynamic int8 (torch.ao)": (8, quantize_dynamic_int8(model, skip=("lm_head",)))}
+    variants.update(teacher_variants(model, tok))
     fp32_bytes = linear_weight_bytes(model, skip=("lm_head",))  # tied to the embedding: fp32
     speed = {}
     if latency:
@@ -1148,11 +1731,33 @@ def teacher_rows(name: str = "teacher", max_tokens: int = 8192, latency: bool = 
                               linear_weight_bytes(qmodel, True, ("lm_head",)), fp32_bytes,
                               speed.get(label), quality["perplexity"],
                               quality["top1_agreement"]))
-    for bits in (8, 4):
-        quality = lm_quality(ref, WithQuantizedKVCache(model, bits), val_ids, max_tokens)
-        rows.append(table_row(name, f"KV cache int{bits} (weights fp32)", 32, fp32_bytes,
-                              fp32_bytes, None, quality["perplexity"], quality["top1_agreement"]))
+    for bits, method in ((8, "per-token"), (4, "per-token"), (4, "kivi")):
+        quality = lm_quality(ref, WithQuantizedKVCache(model, bits, method), val_ids, max_tokens)
+        label = f"KV cache int{bits} {'KIVI' if method == 'kivi' else 'per-token'} (weights fp32)"
+        rows.append(table_row(name, label, 32, fp32_bytes, fp32_bytes, None,
+                              quality["perplexity"], quality["top1_agreement"]))
     return rows
+
+
+def decode_rows(quick: bool = False, min_run_time: float = 0.5) -> list[dict]:
+    """Batch-1 decode on the course architecture at speed size (``utils.llama.
+    speed_model_config()``, random weights; ``quick``: a 2-layer, 512-wide one): fp32 against
+    weight-only int8 and int4 (g=32) with torch's fused CPU kernels, every Linear including the
+    output head quantized; ``speedup_vs_fp32`` is the decode tokens/s ratio in one run."""
+    from utils.llama import CourseLlama, speed_model_config
+
+    torch.manual_seed(0)
+    cfg = speed_model_config(512, 2) if quick else speed_model_config()
+    model = CourseLlama.from_config(cfg)
+    label = "speed-model (random weights)"
+    models = {"fp32": model, "int8 fused": fused_weight_only_copy(model, 8),
+              "int4 fused g=32": fused_weight_only_copy(model, 4, 32)}
+    wbytes = {k: linear_weight_bytes(m) for k, m in models.items()}
+    speed = decode_speed(models, min_run_time=min_run_time)
+    bits = {"fp32": 32, "int8 fused": 8, "int4 fused g=32": 4}
+    return [table_row(label, f"decode batch 1, weight-only {k}" if k != "fp32" else
+                      "decode batch 1, fp32", bits[k], wbytes[k], wbytes["fp32"],
+                      speed[k]["speedup"]) for k in models]
 
 
 def report_rows(quick: bool = False) -> list[dict]:
@@ -1160,5 +1765,6 @@ def report_rows(quick: bool = False) -> list[dict]:
     small model, 1,024 tokens and short timings (a smoke test)."""
     if quick:
         return minilm_dynamic_int8_rows(batch_size=2, seq_len=32, min_run_time=0.05) + \
-            teacher_rows("small", max_tokens=1024, min_run_time=0.05)
-    return minilm_dynamic_int8_rows() + teacher_rows("teacher")
+            teacher_rows("small", max_tokens=1024, min_run_time=0.05) + \
+            decode_rows(quick=True, min_run_time=0.05)
+    return minilm_dynamic_int8_rows() + teacher_rows("teacher") + decode_rows()

@@ -233,6 +233,32 @@ def _hidden_unpack(rng):
                          label="sign bits in both nibbles")]
 
 
+# --------------------------------------------------------------------------- 8: MXFP4 block
+
+
+def _mxfp4_ref(x):
+    from utils.quantization import mxfp4_quantize
+
+    return mxfp4_quantize(x.float())
+
+
+def _hidden_mxfp4(rng):
+    cases = []
+    for scale in (1e-3, 0.7, 250.0):
+        cases.append(Case((tensor_arg(_vec(rng, 32, scale)),),
+                          label=f"random block of 32, magnitude {scale}"))
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -2.5, -5.0, 4.0] + [0.0] * 21
+    cases += [Case((tensor_arg(ties),), label="values half-way between E2M1 codes (ties to even)"),
+              Case((tensor_arg([8.0] + _vec(rng, 31, 2.0)),),
+                   label="the largest value a power of two (8 -> X = 2)"),
+              Case((tensor_arg([[round(rng.gauss(0, 1), 4) for _ in range(32)],
+                                [round(rng.gauss(0, 30), 3) for _ in range(32)]]),),
+                   label="two blocks (2, 32), each with its own scale"),
+              Case((tensor_arg([0.0] * 32),), label="all-zero block"),
+              Case((tensor_arg(_vec(rng, 20)),), raises="ValueError", label="20 values")]
+    return cases
+
+
 SPEC = LabSpec(
     lab="lab02",
     notebook="lab02_quantization.ipynb",
@@ -338,5 +364,20 @@ SPEC = LabSpec(
             references=("utils.quantization.unpack_int4",),
             hint="low = byte & 0xF, high = byte >> 4; a nibble v >= 8 stands for v - 16; "
                  "interleave low, high"),
+        Exercise(
+            name="mxfp4_block", points=2, title="One MXFP4 block (OCP microscaling)",
+            expected=_expected(_mxfp4_ref), adapter=ADAPTER,
+            compare=array_close(rtol=1e-6, atol=0.0),
+            public=(Case((tensor_arg([7.5, 0.25, 0.75, -1.25, 2.5, 5.0, -0.2, 0.0] + [0.0] * 24),),
+                         label="max 7.5: X = 1, 7.5 saturates to 6, ties go to the even code"),
+                    Case((tensor_arg([0.01 * i for i in range(-16, 16)]),),
+                         label="small values: X = 2^-5"),
+                    Case((tensor_arg([1.0] * 20),), raises="ValueError", label="20 values",
+                         hint="raise ValueError unless the last dimension is a multiple of 32")),
+            hidden=_hidden_mxfp4,
+            references=("utils.quantization.mxfp4_quantize",),
+            hint="per block of 32: e = floor(log2(max|v|)), X = 2**(e - 2) (1 for an all-zero "
+                 "block); round |v|/X to the nearest of 0, 0.5, 1, 1.5, 2, 3, 4, 6 (above 6 -> 6; "
+                 "a tie goes to 0, 1, 2 or 4), restore the sign, multiply by X"),
     ),
 )
