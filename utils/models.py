@@ -264,24 +264,171 @@ def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _lr_at(step: int, spec: CourseModelSpec) -> float:
+# --------------------------------------------------------------------------- calibration statistics
+# What post-training methods measure on real activations: GPTQ and SparseGPT the Hessian of each
+# layer's input, Wanda its per-channel norms (the Hessian's diagonal), SmoothQuant and AWQ
+# per-channel |x| statistics, SVD-LLM the input covariance.
+
+
+def calibration_tokens(tokenizer, sequences: int = 32, seq_len: int = 256) -> torch.Tensor:
+    """(sequences, seq_len) token windows from the *training* split, spread evenly over it (the
+    held-out split is kept for perplexity)."""
+    text = load_corpus("train")
+    step = len(text) // sequences
+    rows = []
+    for i in range(sequences):
+        ids = tokenizer(text[i * step: i * step + 8 * seq_len])["input_ids"][:seq_len]
+        if len(ids) < seq_len:
+            raise ValueError(f"training text too short for seq_len={seq_len}")
+        rows.append(ids)
+    return torch.tensor(rows)  # (S, T)
+
+
+def _linear_targets(model, skip, names):
+    targets = find_linears(model, skip)
+    if names is not None:
+        missing = set(names) - set(targets)
+        if missing:
+            raise ValueError(f"names must be Linear layers of the model, got {sorted(missing)}")
+        targets = {n: targets[n] for n in names}
+    return targets
+
+
+def _run_calibration(model, calibration_ids, batch_size, hooks):
+    if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.dim() != 2:
+        raise ValueError("calibration_ids must be (sequences, tokens), got "
+                         f"{tuple(getattr(calibration_ids, 'shape', ()))}")
+    handles = [m.register_forward_hook(fn) for m, fn in hooks]
+    try:
+        for batch in calibration_ids.split(batch_size):
+            model(input_ids=batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_hessians(model: torch.nn.Module, calibration_ids: torch.Tensor, skip=("lm_head",),
+                     batch_size: int = 8, names=None) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / n for the input X (n, in) of every target Linear (or only those in
+    ``names``), from one forward pass of ``model`` as it is over ``calibration_ids`` (S, T).
+    Run it after pruning or quantizing earlier layers and the later layers see the inputs the
+    compressed model gives them (the sequential order of GPTQ's and SparseGPT's reference code)."""
+    targets = _linear_targets(model, skip, names)
+    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+            for name, m in targets.items()}
+    counts = dict.fromkeys(targets, 0)
+    last = {}  # q/k/v (and gate/up) see the same input tensor: compute its X^T X once
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, module.in_features).float()  # (n, in)
+            if last.get("input") is not inputs[0]:  # holding it keeps its identity unique
+                last.update(input=inputs[0], xtx=(x.T @ x).double())
+            sums[name] += last["xtx"]
+            counts[name] += x.shape[0]
+        return fn
+
+    try:
+        _run_calibration(model, calibration_ids, batch_size,
+                         [(m, hook(n)) for n, m in targets.items()])
+    finally:
+        last.clear()
+    return {name: (2 * sums[name] / counts[name]).float() for name in targets}
+
+
+@torch.no_grad()
+def collect_input_stats(model: torch.nn.Module, calibration_ids: torch.Tensor,
+                        skip=("lm_head",), batch_size: int = 8,
+                        names=None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per input channel of every target Linear: ``absmax`` = max |x_j| and ``absmean`` =
+    mean |x_j| over all calibration tokens (SmoothQuant uses the first, AWQ the second)."""
+    targets = _linear_targets(model, skip, names)
+    stats = {n: {"absmax": torch.zeros(m.in_features),
+                 "abssum": torch.zeros(m.in_features, dtype=torch.float64), "count": 0}
+             for n, m in targets.items()}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, module.in_features).float().abs()
+            st = stats[name]
+            st["absmax"] = torch.maximum(st["absmax"], x.amax(0))
+            st["abssum"] += x.sum(0, dtype=torch.float64)
+            st["count"] += x.shape[0]
+        return fn
+
+    _run_calibration(model, calibration_ids, batch_size, [(m, hook(n)) for n, m in targets.items()])
+    return {n: {"absmax": st["absmax"], "absmean": (st["abssum"] / st["count"]).float()}
+            for n, st in stats.items()}
+
+
+def _lr_at(step: int, peak: float, warmup_steps: int, steps: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak rate."""
-    if step < spec.warmup_steps:
-        return spec.learning_rate * (step + 1) / spec.warmup_steps
-    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-    return spec.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def language_model_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM on a (B, T) batch."""
+    return model(input_ids=batch, labels=batch).loss
+
+
+def finetune(model: torch.nn.Module, steps: int, *, learning_rate: float = 3e-4,
+             batch_size: int = 8, seq_len: int = CONTEXT_LENGTH, warmup_steps: int = 0,
+             weight_decay: float = 0.0, seed: int = 0, data: torch.Tensor | None = None,
+             loss_fn=language_model_loss, after_step=None, bf16: bool = False,
+             desc: str = "fine-tune", progress: bool = True) -> list[float]:
+    """Train ``model`` in place on random ``seq_len`` windows of the training split and return
+    the loss of every step. AdamW (betas 0.9/0.95, weight decay on matrices only), warm-up then
+    cosine decay to 10%, gradient clipping at 1.0, a tqdm bar. ``loss_fn(model, batch)`` gives
+    the loss (distillation passes its own); ``after_step(model)`` runs after every optimizer step
+    (pruning re-applies its masks there). The model is left in eval mode."""
+    from tqdm.auto import tqdm
+
+    from utils.validation import check_positive_ints
+
+    check_positive_ints(steps=steps, batch_size=batch_size, seq_len=seq_len)
+    if data is None:
+        data = encode_split("train")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=learning_rate, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+        batch = torch.stack([data[s:s + seq_len] for s in starts.tolist()])  # (B, T)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, learning_rate, warmup_steps, steps)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(model)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
 
 
 def train(name: str, steps: int | None = None, out_dir: Path | None = None,
           bf16: bool | None = None) -> Path:
     """Train a course model from scratch on the training split and save it (safetensors).
 
-    AdamW with warm-up and cosine decay, gradient clipping at 1.0, random 256-token windows.
-    ``bf16`` runs forward and backward under CPU autocast (weights stay fp32); ``None`` uses it
-    only where the CPU has bf16 dot products: elsewhere bf16 is emulated, far slower than fp32,
-    and the recipe trains in fp32 and says so.
+    ``finetune`` from random weights: AdamW with warm-up and cosine decay, gradient clipping at
+    1.0, random 256-token windows. ``bf16`` runs forward and backward under CPU autocast
+    (weights stay fp32); ``None`` uses it only where the CPU has bf16 dot products: elsewhere
+    bf16 is emulated, far slower than fp32, and the recipe trains in fp32 and says so.
     """
-    from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
     from utils.bench import cpu_capabilities
@@ -298,41 +445,20 @@ def train(name: str, steps: int | None = None, out_dir: Path | None = None,
         raise ValueError(f"steps must be a positive integer, got {spec.steps}")
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer()
-    data = encode_split("train", tokenizer)
     model = LlamaForCausalLM(llama_config(spec))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.learning_rate, betas=(0.9, 0.95),
-    )
-    generator = torch.Generator().manual_seed(spec.seed)
-    model.train()
-    bar = tqdm(range(spec.steps), desc=f"train {name}")
     start = time.perf_counter()
-    for step in bar:
-        starts = torch.randint(0, len(data) - CONTEXT_LENGTH - 1, (spec.batch_size,),
-                               generator=generator)
-        batch = torch.stack([data[s:s + CONTEXT_LENGTH] for s in starts.tolist()])  # (B, T)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, spec)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    losses = finetune(model, spec.steps, learning_rate=spec.learning_rate,
+                      batch_size=spec.batch_size, warmup_steps=spec.warmup_steps,
+                      weight_decay=spec.weight_decay, seed=spec.seed,
+                      data=encode_split("train", tokenizer), bf16=bf16, desc=f"train {name}")
     minutes = (time.perf_counter() - start) / 60
     out_dir = Path(out_dir or model_dir(name))
-    model.eval()
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir)  # safetensors
     tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "TRAINING.txt").write_text(
         f"spec: {asdict(spec)}\nbf16 autocast: {bf16}\ntorch threads: "
-        f"{torch.get_num_threads()}\nminutes: {minutes:.1f}\nfinal training loss: {loss.item():.4f}\n"
+        f"{torch.get_num_threads()}\nminutes: {minutes:.1f}\nfinal training loss: {losses[-1]:.4f}\n"
     )
     return out_dir
 

@@ -64,7 +64,8 @@ import torch.nn.functional as F
 
 from utils.bench import cpu_capabilities
 from utils.data import token_windows
-from utils.models import find_linears, replace_module
+from utils.models import (calibration_tokens, collect_hessians, collect_input_stats,  # noqa: F401 (re-exported: chapter 02 API)
+                          find_linears, replace_module)
 from utils.validation import check_int_range, check_positive_int, check_tensor
 
 CHAPTER = "02"  # found by utils.report; notebooks/02_*.ipynb, solutions/lab02_*.ipynb
@@ -710,42 +711,6 @@ class WeightOnlyGroupwiseQuantHandler(QuantHandler):
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, calibration_ids: torch.Tensor, skip=("lm_head",),
-                     batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / n for the input X (n, in) of every target Linear, from one float forward pass
-    over ``calibration_ids`` (S, T). (GPTQ's reference code re-runs each block on the outputs of
-    the already-quantized blocks; one pass of the float model is the simpler variant used here.)"""
-    if calibration_ids.dim() != 2:
-        raise ValueError(f"calibration_ids must be (sequences, tokens), got "
-                         f"{tuple(calibration_ids.shape)}")
-    targets = find_linears(model, skip)
-    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
-            for name, m in targets.items()}
-    counts = dict.fromkeys(targets, 0)
-
-    last = {}  # q/k/v (and gate/up) see the same input tensor: compute its X^T X once
-
-    def hook(name):
-        def fn(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, module.in_features).float()  # (n, in)
-            if last.get("input") is not inputs[0]:  # holding it keeps its identity unique
-                last.update(input=inputs[0], xtx=(x.T @ x).double())
-            sums[name] += last["xtx"]
-            counts[name] += x.shape[0]
-        return fn
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in targets.items()]
-    try:
-        for batch in calibration_ids.split(batch_size):
-            model(input_ids=batch)
-    finally:
-        for h in handles:
-            h.remove()
-        last.clear()
-    return {name: (2 * sums[name] / counts[name]).float() for name in targets}
-
-
-@torch.no_grad()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
                          group_size: int | None = 128, block_size: int = 128,
                          percdamp: float = 0.01):
@@ -1047,39 +1012,6 @@ def decode_speed(models: dict, prompt_len: int = 32, min_run_time: float = 0.5,
 
 
 # --------------------------------------------------------------------------- calibration statistics
-
-@torch.no_grad()
-def collect_input_stats(model: nn.Module, calibration_ids: torch.Tensor, skip=("lm_head",),
-                        batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
-    """Per input channel of every target Linear: ``absmax`` = max |x_j| and ``absmean`` =
-    mean |x_j| over all calibration tokens (SmoothQuant uses the first, AWQ the second)."""
-    if calibration_ids.dim() != 2:
-        raise ValueError(f"calibration_ids must be (sequences, tokens), got "
-                         f"{tuple(calibration_ids.shape)}")
-    targets = find_linears(model, skip)
-    stats = {n: {"absmax": torch.zeros(m.in_features), "abssum": torch.zeros(m.in_features,
-                                                                             dtype=torch.float64),
-                 "count": 0} for n, m in targets.items()}
-
-    def hook(name):
-        def fn(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, module.in_features).float().abs()
-            st = stats[name]
-            st["absmax"] = torch.maximum(st["absmax"], x.amax(0))
-            st["abssum"] += x.sum(0, dtype=torch.float64)
-            st["count"] += x.shape[0]
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
-    try:
-        for batch in calibration_ids.split(batch_size):
-            model(input_ids=batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: {"absmax": st["absmax"], "absmean": (st["abssum"] / st["count"]).float()}
-            for n, st in stats.items()}
-
 
 # --------------------------------------------------------------------------- SmoothQuant (W8A8)
 
@@ -1441,13 +1373,13 @@ class _QuantizedKVLayerImpl:
         q = quantize(rows, scale, zp, self.bits, symmetric=False)
         if self.bits == 4 and q.shape[1] % 2 == 0:
             q = pack_int4(q, signed=False)
-        return q, scale.half(), zp.to(torch.uint8), tuple(tensor.shape)
+        return q, scale.half(), zp.to(torch.uint8), tuple(tensor.shape), tensor.dtype
 
     def _dequantize(self, stored):
-        q, scale, zp, shape = stored
+        q, scale, zp, shape, dtype = stored  # its own dtype (newer transformers keep no self.dtype)
         if self.bits == 4 and q.shape[1] * 2 == shape[-1]:
             q = unpack_int4(q, signed=False).to(torch.uint8)
-        return dequantize(q, scale.float(), zp.to(torch.int32)).reshape(shape).to(self.dtype)
+        return dequantize(q, scale.float(), zp.to(torch.int32)).reshape(shape).to(dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -1583,23 +1515,6 @@ class WithQuantizedKVCache(nn.Module):
 
 # --------------------------------------------------------------------------- the chapter's table
 
-def calibration_tokens(tokenizer, sequences: int = 32, seq_len: int = 256) -> torch.Tensor:
-    """(sequences, seq_len) token windows from the *training* split, spread evenly over it, for
-    GPTQ's Hessians (the held-out split is kept for perplexity)."""
-    from utils.data import load_corpus
-
-    text = load_corpus("train")
-    step = len(text) // sequences
-    rows = []
-    for i in range(sequences):
-        ids = tokenizer(text[i * step: i * step + 8 * seq_len])["input_ids"][:seq_len]
-        if len(ids) < seq_len:
-            raise ValueError(f"training text too short for seq_len={seq_len}")
-        rows.append(ids)
-    return torch.tensor(rows)  # (S, T)
-
-
-@torch.inference_mode()
 def lm_quality(reference, candidate, val_ids: torch.Tensor, max_tokens: int = 8192,
                context_length: int = 256, batch_size: int = 8) -> dict[str, float]:
     """Perplexity of ``candidate`` on the first ``max_tokens`` held-out tokens, and its top-1
