@@ -489,6 +489,14 @@ def torch_pruning_mlp(model, keep_indices: list[torch.Tensor], example_ids: torc
     return pruned
 
 
+def csr_bytes(weight: torch.Tensor, index_bytes: int = 8) -> int:
+    """Bytes of ``weight`` in CSR: values (its dtype), column indices and row pointers
+    (``index_bytes`` each: int64, what torch's ``to_sparse_csr`` stores). At 50% sparsity an
+    fp32 CSR matrix with int32 indices (``index_bytes=4``) is as large as the dense one."""
+    nnz = int(weight.count_nonzero())
+    return nnz * (weight.element_size() + index_bytes) + (weight.shape[0] + 1) * index_bytes
+
+
 def linear_param_count(model) -> int:
     """Parameters of the decoder's Linear layers (the tied embedding / head left out)."""
     return sum(m.weight.numel() for m in find_linears(model).values())
@@ -642,16 +650,17 @@ def report_rows(quick: bool = False) -> list[dict]:
     from utils.models import calibration_tokens, encode_split, load_course_model, model_weight_bytes
 
     name = "small" if quick else "teacher"
-    max_tokens = 1024 if quick else 8192
+    max_tokens = 512 if quick else 8192
     model, tok = load_course_model(name)
     val = encode_split("validation", tok)
-    calib = calibration_tokens(tok, sequences=4 if quick else 16, seq_len=256)
+    calib = calibration_tokens(tok, sequences=2 if quick else 16, seq_len=128 if quick else 256)
     variants = {"dense": (model, "-")}
     for method in METHODS:
         variants[f"{method} 50%"] = (prune_unstructured(model, method, 0.5,
                                                         calibration_ids=calib)[0], "50% unstructured")
-        variants[f"{method} 2:4"] = (prune_unstructured(model, method, n_m=(2, 4),
-                                                        calibration_ids=calib)[0], "2:4")
+        if not quick:
+            variants[f"{method} 2:4"] = (prune_unstructured(model, method, n_m=(2, 4),
+                                                            calibration_ids=calib)[0], "2:4")
     variants["structured MLP 50%"] = (structured_prune(model, 0.5, calibration_ids=calib),
                                       "50% MLP channels")
     cfg = model.config
@@ -666,7 +675,7 @@ def report_rows(quick: bool = False) -> list[dict]:
                          min_run_time=0.05 if quick else 0.3)
     rows = []
     for label, (m, pattern) in variants.items():
-        agree = compare_next_token(model, m, val, max_tokens=min(max_tokens, 4096))
+        agree = compare_next_token(model, m, val, max_tokens=max_tokens)
         rows.append({"model": name, "method": label, "pattern": pattern,
                      "linear_params_kept": nonzero_linear_params(m),
                      "weight_MB": model_weight_bytes(m) / 1e6,
@@ -675,3 +684,88 @@ def report_rows(quick: bool = False) -> list[dict]:
                      "perplexity": perplexity(m, val, max_tokens=max_tokens),
                      "top1_agreement": agree["top1_agreement"]})
     return rows
+
+
+# --------------------------------------------------------------------------- the long recipe
+
+RECOVERY_RESULTS = "results/03_pruning_recovery.json"  # under models/, committed
+
+
+def recovery_recipe(steps: int = 300, stages: int = 4, sparsity: float = 0.7,
+                    mlp_keep: float = 0.5, batch_size: int = 8, seq_len: int = 128,
+                    learning_rate: float = 3e-4, eval_every: int = 25, max_tokens: int = 8192,
+                    out=None) -> dict:
+    """What the notebook runs briefly, run long (``python -m utils.pruning recovery``): on the
+    teacher, (a) one-shot magnitude pruning to ``sparsity`` then ``steps`` masked fine-tuning
+    steps, (b) gradual pruning over ``stages`` (``cubic_schedule``) with the same total steps,
+    (c) structured pruning to ``mlp_keep`` of the MLP channels then ``steps`` steps. Perplexity
+    curves every ``eval_every`` steps; saved as JSON under ``models/``."""
+    import json
+    import time
+
+    from utils.metrics import perplexity
+    from utils.models import calibration_tokens, encode_split, load_course_model
+    from utils.paths import MODELS_DIR
+
+    model, tok = load_course_model("teacher")
+    train_ids, val = encode_split("train", tok), encode_split("validation", tok)
+    kw = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, data=train_ids)
+    start = time.perf_counter()
+
+    def curve(m, masks, n, desc):  # one optimizer and schedule; perplexity every eval_every
+        points = []
+
+        def after(x):
+            if masks:
+                apply_masks(x, masks)
+            done = len(points_steps) + 1
+            points_steps.append(done)
+            if done % eval_every == 0 or done == n:
+                x.eval()
+                points.append([done, perplexity(x, val, max_tokens=max_tokens)])
+                x.train()
+        points_steps: list[int] = []
+        finetune(m, n, seed=0, desc=desc, after_step=after, **kw)
+        return points
+
+    result = {"dense": perplexity(model, val, max_tokens=max_tokens),
+              "settings": {"steps": steps, "stages": stages, "sparsity": sparsity,
+                           "mlp_keep": mlp_keep, "batch_size": batch_size, "seq_len": seq_len,
+                           "learning_rate": learning_rate, "max_tokens": max_tokens,
+                           "threads": torch.get_num_threads()}}
+    one, masks = prune_unstructured(model, "magnitude", sparsity)
+    result["one_shot"] = {"before": perplexity(one, val, max_tokens=max_tokens),
+                          "curve": curve(one, masks, steps, "one-shot")}
+    gradual, masks = iterative_prune_finetune(model, sparsity, stages, steps // stages, **kw)
+    result["gradual"] = {"after": perplexity(gradual, val, max_tokens=max_tokens)}
+    calib = calibration_tokens(tok, sequences=8, seq_len=256)
+    small = structured_prune(model, mlp_keep, calibration_ids=calib)
+    result["structured"] = {"before": perplexity(small, val, max_tokens=max_tokens),
+                            "curve": curve(small, None, steps, "structured")}
+    result["minutes"] = (time.perf_counter() - start) / 60
+    path = MODELS_DIR / (out or RECOVERY_RESULTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def load_recovery_results() -> dict:
+    import json
+
+    from utils.paths import MODELS_DIR
+
+    path = MODELS_DIR / RECOVERY_RESULTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `python -m utils.pruning recovery`")
+    return json.loads(path.read_text())
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m utils.pruning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("recovery", help="the long prune-and-fine-tune recipe (minutes)")
+    rec.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    print(recovery_recipe(steps=args.steps))
