@@ -107,6 +107,32 @@ def latency_percentiles(fn: Callable[[], object], *, n: int = 50, warmup: int = 
     return result
 
 
+class silenced_stderr:
+    """Redirect file descriptor 2 to /dev/null inside a ``with`` block: C++ libraries (the
+    profiler's ``USDT ... profiler_start`` lines) write there directly, below Python's
+    ``sys.stderr``. Python's own warnings are silenced too while it is active."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        return False
+
+
 def tokens_per_second(n_tokens: int, seconds: float) -> float:
     if n_tokens < 0 or seconds <= 0:
         raise ValueError(f"need n_tokens >= 0 and seconds > 0, got {n_tokens}, {seconds}")

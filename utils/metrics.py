@@ -4,6 +4,8 @@
   (Jelinek et al. 1977), over non-overlapping windows of ``context_length`` tokens.
 - ``compare_next_token``: how closely an optimised model follows a reference one: top-1
   agreement and the mean KL(P_reference || P_candidate) of their next-token distributions.
+- ``lm_quality`` / ``reference_top1``: perplexity and agreement with a reference in one forward
+  pass per window, the reference's argmax computed once for a whole table of variants.
 - ``cosine_similarity``: row-wise cosine of two embedding matrices (MiniLM chapters).
 """
 
@@ -55,6 +57,37 @@ def compare_next_token(reference, candidate, token_ids: torch.Tensor, context_le
         kl_sum += (ref_logp.exp() * (ref_logp - cand_logp)).sum().item()
         count += batch.numel()
     return {"top1_agreement": agree / count, "kl": kl_sum / count}
+
+
+@torch.inference_mode()
+def lm_quality(reference, candidate, val_ids: torch.Tensor, max_tokens: int = 8192,
+               context_length: int = 256, batch_size: int = 8) -> dict[str, float]:
+    """Perplexity of ``candidate`` on the first ``max_tokens`` held-out tokens, and its top-1
+    next-token agreement with ``reference`` there. ``reference`` may be a model or the
+    ``reference_top1(...)`` tensor of a model (computed once, so that a table of many variants
+    runs the float model once). Same windows and formula as ``utils.metrics.perplexity``, in the
+    same forward pass as the agreement."""
+
+    windows = token_windows(val_ids, context_length, max_tokens)  # (N, T)
+    ref_top1 = reference if isinstance(reference, torch.Tensor) else reference_top1(
+        reference, val_ids, max_tokens, context_length, batch_size)
+    nll, count, agree = 0.0, 0, 0
+    for batch, ref in zip(windows.split(batch_size), ref_top1.split(batch_size)):
+        logits = candidate(input_ids=batch).logits.float()  # (B, T, V)
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                               batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+        agree += (logits.argmax(-1) == ref).sum().item()
+    return {"perplexity": math.exp(nll / count), "top1_agreement": agree / ref_top1.numel()}
+
+
+@torch.inference_mode()
+def reference_top1(model, val_ids: torch.Tensor, max_tokens: int = 8192,
+                   context_length: int = 256, batch_size: int = 8) -> torch.Tensor:
+    """The argmax next token of ``model`` at every position of the evaluation windows (N, T)."""
+
+    windows = token_windows(val_ids, context_length, max_tokens)
+    return torch.cat([model(input_ids=b).logits.argmax(-1) for b in windows.split(batch_size)])
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

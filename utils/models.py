@@ -294,17 +294,43 @@ def _linear_targets(model, skip, names):
     return targets
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the last target layer has seen its input."""
+
+
 def _run_calibration(model, calibration_ids, batch_size, hooks):
+    """Forward ``calibration_ids`` in batches with ``hooks`` [(module, fn)] registered. The pass
+    stops after the last hooked module (in ``named_modules`` order, which is the order the
+    forward reaches them in transformers' decoder stacks), so statistics of an early block cost
+    only the blocks up to it."""
     if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.dim() != 2:
         raise ValueError("calibration_ids must be (sequences, tokens), got "
                          f"{tuple(getattr(calibration_ids, 'shape', ()))}")
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    last = max((m for m, _ in hooks), key=lambda m: order[id(m)])
+    seen = set()
+
+    def mark(module, inputs, output):
+        seen.add(id(module))
+
+    def stop(module, inputs, output):
+        raise _StopForward
+
     handles = [m.register_forward_hook(fn) for m, fn in hooks]
+    handles += [m.register_forward_hook(mark) for m, _ in hooks]
+    handles.append(last.register_forward_hook(stop))
     try:
         for batch in calibration_ids.split(batch_size):
-            model(input_ids=batch)
+            try:
+                model(input_ids=batch)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()
+    if len(seen) != len({id(m) for m, _ in hooks}):
+        raise RuntimeError("some target layers were not reached before the last one: "
+                           "calibration statistics would be incomplete")
 
 
 @torch.no_grad()

@@ -646,7 +646,7 @@ def report_rows(quick: bool = False) -> list[dict]:
     weights still cost their zeros), prefill and decode speed-up vs dense in the same run,
     perplexity and top-1 agreement with the dense model. ``quick``: the small model, short
     evaluation and timings."""
-    from utils.metrics import compare_next_token, perplexity
+    from utils.metrics import lm_quality, reference_top1
     from utils.models import calibration_tokens, encode_split, load_course_model, model_weight_bytes
 
     name = "small" if quick else "teacher"
@@ -673,16 +673,17 @@ def report_rows(quick: bool = False) -> list[dict]:
     speed = latency_rows(speed_models, prompt_len=64 if quick else 256,
                          decode_tokens=8 if quick else 32,
                          min_run_time=0.05 if quick else 0.3)
+    ref = reference_top1(model, val, max_tokens)
     rows = []
     for label, (m, pattern) in variants.items():
-        agree = compare_next_token(model, m, val, max_tokens=max_tokens)
+        quality = lm_quality(ref, m, val, max_tokens)
         rows.append({"model": name, "method": label, "pattern": pattern,
                      "linear_params_kept": nonzero_linear_params(m),
                      "weight_MB": model_weight_bytes(m) / 1e6,
                      "prefill_speedup": speed.get(label, {}).get("prefill_speedup"),
                      "decode_speedup": speed.get(label, {}).get("decode_speedup"),
-                     "perplexity": perplexity(m, val, max_tokens=max_tokens),
-                     "top1_agreement": agree["top1_agreement"]})
+                     "perplexity": quality["perplexity"],
+                     "top1_agreement": quality["top1_agreement"]})
     return rows
 
 

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from utils.bench import cpu_capabilities
 from utils.data import token_windows
+from utils.metrics import lm_quality, reference_top1  # noqa: F401 (re-exported: chapter 02 API)
 from utils.models import (calibration_tokens, collect_hessians, collect_input_stats,  # noqa: F401 (re-exported: chapter 02 API)
                           find_linears, replace_module)
 from utils.validation import check_int_range, check_positive_int, check_tensor
@@ -1514,36 +1515,6 @@ class WithQuantizedKVCache(nn.Module):
 
 
 # --------------------------------------------------------------------------- the chapter's table
-
-def lm_quality(reference, candidate, val_ids: torch.Tensor, max_tokens: int = 8192,
-               context_length: int = 256, batch_size: int = 8) -> dict[str, float]:
-    """Perplexity of ``candidate`` on the first ``max_tokens`` held-out tokens, and its top-1
-    next-token agreement with ``reference`` there. ``reference`` may be a model or the
-    ``reference_top1(...)`` tensor of a model (computed once, so that a table of many variants
-    runs the float model once). Same windows and formula as ``utils.metrics.perplexity``, in the
-    same forward pass as the agreement."""
-
-    windows = token_windows(val_ids, context_length, max_tokens)  # (N, T)
-    ref_top1 = reference if isinstance(reference, torch.Tensor) else reference_top1(
-        reference, val_ids, max_tokens, context_length, batch_size)
-    nll, count, agree = 0.0, 0, 0
-    for batch, ref in zip(windows.split(batch_size), ref_top1.split(batch_size)):
-        logits = candidate(input_ids=batch).logits.float()  # (B, T, V)
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                               batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
-        agree += (logits.argmax(-1) == ref).sum().item()
-    return {"perplexity": math.exp(nll / count), "top1_agreement": agree / ref_top1.numel()}
-
-
-@torch.inference_mode()
-def reference_top1(model, val_ids: torch.Tensor, max_tokens: int = 8192,
-                   context_length: int = 256, batch_size: int = 8) -> torch.Tensor:
-    """The argmax next token of ``model`` at every position of the evaluation windows (N, T)."""
-
-    windows = token_windows(val_ids, context_length, max_tokens)
-    return torch.cat([model(input_ids=b).logits.argmax(-1) for b in windows.split(batch_size)])
-
 
 def table_row(model: str, method: str, bits, weight_bytes: float, fp32_bytes: float,
               speedup: float | None = None, perplexity: float | None = None,

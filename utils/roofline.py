@@ -34,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from utils.bench import BANDWIDTH_KINDS, measure_bandwidth, time_fn  # noqa: F401  (rl.measure_bandwidth)
+from utils.bench import (BANDWIDTH_KINDS, measure_bandwidth, silenced_stderr,  # noqa: F401
+                         time_fn)  # (the notebook calls rl.measure_bandwidth, rl.silenced_stderr)
 from utils.models import model_weight_bytes  # noqa: F401  (the notebook calls rl.model_weight_bytes)
 from utils.validation import check_positive, check_positive_int, check_positive_ints
 
@@ -438,32 +439,6 @@ def counted_matmul_flops(fn: Callable[[], object]) -> dict[str, int]:
         name = str(op).removeprefix("aten.").split(".")[0]
         counts[name] = counts.get(name, 0) + int(n)
     return counts
-
-
-class silenced_stderr:
-    """Redirect file descriptor 2 to /dev/null inside a ``with`` block: C++ libraries (the
-    profiler's ``USDT ... profiler_start`` lines) write there directly, below Python's
-    ``sys.stderr``. Python's own warnings are silenced too while it is active."""
-
-    def __enter__(self):
-        import os
-        import sys
-
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        return self
-
-    def __exit__(self, *exc):
-        import os
-        import sys
-
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        return False
 
 
 def profile_rows(prof, row_limit: int = 8) -> list[dict]:
