@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from utils import quantization as Q
 from utils.device import has_package
+from utils.models import cache_argument
 
 
 @pytest.fixture(autouse=True)
@@ -431,11 +432,11 @@ def test_quantized_kv_cache_memory_and_quality(small_model):
     with torch.no_grad():
         ref = model(input_ids=batch).logits
         dense = DynamicCache(config=model.config)
-        model(input_ids=batch, past_key_values=dense, use_cache=True)
+        model(input_ids=batch, **cache_argument(dense), use_cache=True)
         stored = {}
         for bits in (8, 4):
             cache = Q.make_quantized_kv_cache(layers, bits)
-            out = model(input_ids=batch, past_key_values=cache, use_cache=True).logits
+            out = model(input_ids=batch, **cache_argument(cache), use_cache=True).logits
             stored[bits] = Q.kv_cache_stored_bytes(cache)
             agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
             assert agree > (0.98 if bits == 8 else 0.85)
@@ -457,8 +458,8 @@ def test_quantized_kv_cache_generates_like_float(small_model):
     with torch.no_grad():
         a = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
         b = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                           past_key_values=Q.make_quantized_kv_cache(
-                               model.config.num_hidden_layers, 8))
+                           **cache_argument(Q.make_quantized_kv_cache(
+                               model.config.num_hidden_layers, 8)))
     assert torch.equal(a, b)  # greedy tokens unchanged by an int8 cache
     text = generate_text(model, tok, "And God said,", 8)
     assert text.startswith("And God said,") and text == tok.decode(a[0], skip_special_tokens=True)

@@ -137,6 +137,32 @@ def encode_split(split: str, tokenizer=None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+# --------------------------------------------------------------------------- the KV-cache argument
+
+def _forward_takes_cache() -> bool:
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+
+
+def cache_argument(cache) -> dict:
+    """The keyword that passes a KV cache to a transformers model: ``cache=`` since transformers
+    5.24, ``past_key_values=`` before (5.24 still takes it, with a FutureWarning; 5.40 drops it).
+    ``model(input_ids=ids, **cache_argument(cache), use_cache=True)`` runs on either, so the
+    course works with whatever transformers 5 a machine (Colab) already has."""
+    return {"cache" if _forward_takes_cache() else "past_key_values": cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward returned: ``output.cache`` (transformers >= 5.24) or
+    ``output.past_key_values`` (earlier)."""
+    if "cache" in output.keys():
+        return output["cache"]
+    return output["past_key_values"]
+
+
 # --------------------------------------------------------------------------- loading
 
 @contextmanager

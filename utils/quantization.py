@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from utils.bench import cpu_capabilities
 from utils.data import token_windows
 from utils.metrics import lm_quality, reference_top1  # noqa: F401 (re-exported: chapter 02 API)
-from utils.models import (calibration_tokens, collect_hessians, collect_input_stats,  # noqa: F401 (re-exported: chapter 02 API)
-                          find_linears, replace_module)
+from utils.models import (cache_argument, calibration_tokens, collect_hessians,  # noqa: F401
+                          collect_input_stats, find_linears, replace_module)  # (re-exported)
 from utils.validation import check_int_range, check_positive_int, check_tensor
 
 CHAPTER = "02"  # found by utils.report; notebooks/02_*.ipynb, solutions/lab02_*.ipynb
@@ -1341,8 +1341,8 @@ def make_quantized_kv_cache(num_layers: int, bits: int = 8, method: str = "per-t
                             group: int = 32):
     """A ``transformers`` Cache whose layers store K and V as b-bit integers: ``per-token``
     (``QuantizedKVLayer``: keys and values per token) or ``kivi`` (``KIVILayer``: keys per
-    channel over groups of ``group`` tokens, values per token). Pass it as ``past_key_values=``
-    with ``use_cache=True``."""
+    channel over groups of ``group`` tokens, values per token). Pass it with
+    ``**utils.models.cache_argument(cache)`` and ``use_cache=True``."""
     from transformers.cache_utils import Cache
 
     check_bits(bits)
@@ -1511,7 +1511,7 @@ class WithQuantizedKVCache(nn.Module):
     def forward(self, input_ids, **kwargs):
         cache = make_quantized_kv_cache(self.model.config.num_hidden_layers, self.bits,
                                         self.method, self.group)
-        return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
+        return self.model(input_ids=input_ids, **cache_argument(cache), use_cache=True, **kwargs)
 
 
 # --------------------------------------------------------------------------- the chapter's table

@@ -36,6 +36,7 @@ import torch
 
 from utils.bench import (BANDWIDTH_KINDS, measure_bandwidth, silenced_stderr,  # noqa: F401
                          time_fn)  # (the notebook calls rl.measure_bandwidth, rl.silenced_stderr)
+from utils.models import cache_argument, returned_cache
 from utils.models import model_weight_bytes  # noqa: F401  (the notebook calls rl.model_weight_bytes)
 from utils.validation import check_positive, check_positive_int, check_positive_ints
 
@@ -240,7 +241,7 @@ def measure_kv_cache(model: torch.nn.Module, seq_len: int, batch_size: int = 1,
     that ``transformers`` returns with the formula. They agree exactly when the cache holds
     exactly (batch, kv_heads, seq_len, head_dim) keys and values per layer in the model's dtype."""
     ids = random_token_ids(model, batch_size, seq_len, seed)
-    cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache = returned_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
     first = cache.layers[0].keys if hasattr(cache, "layers") else cache[0][0]
     return {"seq_len": seq_len, "batch_size": batch_size, "cache": type(cache).__name__,
             "layer_keys_shape": tuple(first.shape), "dtype": _dtype_name(first.dtype),
@@ -271,12 +272,12 @@ def prefill_decode_timing(model: torch.nn.Module, *, prompt_len: int = 128, new_
         return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
     out = prefill()
-    cache, first_token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
+    cache, first_token = returned_cache(out), out.logits[:, -1:].argmax(-1)  # (B, 1)
 
     def decode():
         token = first_token
         for _ in range(new_tokens):
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, **cache_argument(cache), use_cache=True).logits
             token = logits[:, -1:].argmax(-1)  # (B, 1) greedy
         cache.crop(-new_tokens)  # negative: remove that many tokens (back to the prompt)
 
