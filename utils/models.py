@@ -21,6 +21,7 @@ Recreate the checkpoints (about 25 minutes on 2 CPU cores, with progress bars)::
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -139,6 +140,7 @@ def encode_split(split: str, tokenizer=None) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the KV-cache argument
 
+@functools.cache  # read the signature once: decode loops call cache_argument every token
 def _forward_takes_cache() -> bool:
     import inspect
 

@@ -72,9 +72,7 @@ def check_n_m(n, m) -> tuple[int, int]:
 
 def sparsity_of(mask_or_weight: torch.Tensor) -> float:
     """Fraction of zeros: of a weight, or of ``False`` entries of a keep-mask."""
-    t = mask_or_weight
-    kept = t.count_nonzero().item()
-    return 1 - kept / t.numel()
+    return 1 - mask_or_weight.count_nonzero().item() / mask_or_weight.numel()
 
 
 # --------------------------------------------------------------------------- unstructured masks
@@ -414,9 +412,15 @@ def prune_attention_groups(attn, head_dim: int, q_per_kv: int, keep_groups: torc
     attn.num_key_value_groups = keep_q.shape[1]
 
 
-def _mean_input_norms(model, calibration_ids, names):
+def input_norms(model, calibration_ids, names) -> dict[str, torch.Tensor]:
+    """||X_j||_2 (up to one positive factor) of the inputs of the Linears ``names``, from one
+    calibration pass (``collect_hessians``' diagonal)."""
     hessians = collect_hessians(model, calibration_ids, names=names)
     return {n: input_norms_from_hessian(h) for n, h in hessians.items()}
+
+
+def _mlp_keep_count(config, mlp_keep: float) -> int:
+    return max(1, round(mlp_keep * config.intermediate_size))
 
 
 @torch.no_grad()
@@ -437,14 +441,14 @@ def structured_prune(model, mlp_keep: float = 0.5, kv_groups_keep: int | None = 
     if not (1 <= kv_keep <= groups and 1 <= q_keep <= q_per_kv):
         raise ValueError(f"kv_groups_keep must be in 1..{groups} and q_per_kv_keep in "
                          f"1..{q_per_kv}, got {kv_groups_keep}, {q_per_kv_keep}")
-    keep = max(1, round(mlp_keep * cfg.intermediate_size))
+    keep = _mlp_keep_count(cfg, mlp_keep)
     pruned = copy.deepcopy(model).eval()
     for i, layer in enumerate(decoder_layers(pruned)):
         down_norm = o_norm = None
         if calibration_ids is not None:  # stats from the copy, earlier blocks already pruned
             p = f"model.layers.{i}."
-            norms = _mean_input_norms(pruned, calibration_ids,
-                                      [p + "mlp.down_proj", p + "self_attn.o_proj"])
+            norms = input_norms(pruned, calibration_ids,
+                                [p + "mlp.down_proj", p + "self_attn.o_proj"])
             down_norm, o_norm = norms[p + "mlp.down_proj"], norms[p + "self_attn.o_proj"]
         prune_mlp_channels(layer.mlp, keep_channels(mlp_channel_scores(layer.mlp, down_norm),
                                                     keep))
@@ -463,7 +467,7 @@ def structured_prune(model, mlp_keep: float = 0.5, kv_groups_keep: int | None = 
 
 def mlp_keep_indices(model, mlp_keep: float = 0.5) -> list[torch.Tensor]:
     """Per block, the MLP channels ``structured_prune`` keeps by weight magnitude."""
-    keep = max(1, round(mlp_keep * model.config.intermediate_size))
+    keep = _mlp_keep_count(model.config, mlp_keep)
     return [keep_channels(mlp_channel_scores(layer.mlp), keep) for layer in decoder_layers(model)]
 
 
@@ -714,18 +718,17 @@ def recovery_recipe(steps: int = 300, stages: int = 4, sparsity: float = 0.7,
     start = time.perf_counter()
 
     def curve(m, masks, n, desc):  # one optimizer and schedule; perplexity every eval_every
-        points = []
+        points, done = [], [0]
 
         def after(x):
             if masks:
                 apply_masks(x, masks)
-            done = len(points_steps) + 1
-            points_steps.append(done)
-            if done % eval_every == 0 or done == n:
+            done[0] += 1
+            if done[0] % eval_every == 0 or done[0] == n:
                 x.eval()
-                points.append([done, perplexity(x, val, max_tokens=max_tokens)])
+                points.append([done[0], perplexity(x, val, max_tokens=max_tokens)])
                 x.train()
-        points_steps: list[int] = []
+
         finetune(m, n, seed=0, desc=desc, after_step=after, **kw)
         return points
 

@@ -36,8 +36,8 @@ import torch
 
 from utils.bench import (BANDWIDTH_KINDS, measure_bandwidth, silenced_stderr,  # noqa: F401
                          time_fn)  # (the notebook calls rl.measure_bandwidth, rl.silenced_stderr)
-from utils.models import cache_argument, returned_cache
-from utils.models import model_weight_bytes  # noqa: F401  (the notebook calls rl.model_weight_bytes)
+from utils.models import (cache_argument, model_weight_bytes,  # noqa: F401 (rl.model_weight_bytes)
+                          returned_cache)
 from utils.validation import check_positive, check_positive_int, check_positive_ints
 
 CHAPTER = "00"  # found by utils.report; notebooks/00_*.ipynb, solutions/lab00_*.ipynb
