@@ -433,19 +433,26 @@ def finetune(model: torch.nn.Module, steps: int, *, learning_rate: float = 3e-4,
              batch_size: int = 8, seq_len: int = CONTEXT_LENGTH, warmup_steps: int = 0,
              weight_decay: float = 0.0, seed: int = 0, data: torch.Tensor | None = None,
              loss_fn=language_model_loss, after_step=None, bf16: bool = False,
-             desc: str = "fine-tune", progress: bool = True) -> list[float]:
+             batch_fn=None, desc: str = "fine-tune", progress: bool = True) -> list[float]:
     """Train ``model`` in place on random ``seq_len`` windows of the training split and return
     the loss of every step. AdamW (betas 0.9/0.95, weight decay on matrices only), warm-up then
     cosine decay to 10%, gradient clipping at 1.0, a tqdm bar. ``loss_fn(model, batch)`` gives
     the loss (distillation passes its own); ``after_step(model)`` runs after every optimizer step
-    (pruning re-applies its masks there). The model is left in eval mode."""
+    (pruning re-applies its masks there); ``batch_fn(generator)`` replaces the random windows
+    (a cached teacher's rows, teacher-generated text), drawing from the seeded generator. The
+    model is left in eval mode."""
     from tqdm.auto import tqdm
 
     from utils.validation import check_positive_ints
 
     check_positive_ints(steps=steps, batch_size=batch_size, seq_len=seq_len)
-    if data is None:
-        data = encode_split("train")
+    if batch_fn is None:
+        if data is None:
+            data = encode_split("train")
+
+        def batch_fn(generator):  # (B, T) windows at random offsets
+            starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+            return torch.stack([data[s:s + seq_len] for s in starts.tolist()])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -456,8 +463,7 @@ def finetune(model: torch.nn.Module, steps: int, *, learning_rate: float = 3e-4,
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
-        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
-        batch = torch.stack([data[s:s + seq_len] for s in starts.tolist()])  # (B, T)
+        batch = batch_fn(generator)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, learning_rate, warmup_steps, steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
