@@ -124,7 +124,7 @@ ALLOWED = {"core": {"core"}, "model": {"core"}, "chapter": {"core", "model"},
 @pytest.mark.parametrize("path", sorted(UTILS.rglob("*.py")), ids=lambda p: str(p.relative_to(UTILS)))
 def test_import_rule_of_utils(path):
     """The rule in utils/__init__.py: core imports no chapter; the course model imports core;
-    a chapter imports core and the model (the capstone alone may import chapters); the lab
+    a chapter imports core, the model and earlier chapters (the capstone may import any); the lab
     system imports core, and its specs are the one bridge to chapter modules."""
     module = "utils." + ".".join(path.relative_to(UTILS).with_suffix("").parts)
     module = module.removesuffix(".__init__").removesuffix(".__main__")
@@ -133,8 +133,27 @@ def test_import_rule_of_utils(path):
         return
     assert layer != "unknown", f"{module}: add it to a layer in tests/test_chapters.py"
     allowed = ALLOWED[layer] | ({"chapter"} if module == "utils.capstone" else set())
-    bad = {m for m in _imports(path) if _layer(m) not in allowed and m != "utils"}
+    imports = _imports(path)
+    bad = {m for m in imports if _layer(m) not in allowed and m != "utils"
+           and not _earlier_chapter(m, module)}
     assert not bad, f"{module} ({layer}) must not import {sorted(bad)}"
+
+
+def _chapter_number(module: str) -> str | None:
+    return next((n for n, c in CHAPTERS.items() if f"utils.{c.module}" == module), None)
+
+
+def _earlier_chapter(imported: str, importer: str) -> bool:
+    """A chapter may build on an earlier chapter (04 heals 03's pruned teacher), never on a
+    later one, so the chapters still read and run in order."""
+    a, b = _chapter_number(imported), _chapter_number(importer)
+    return a is not None and b is not None and a < b
+
+
+def test_the_import_rule_refuses_a_later_chapter():
+    assert _earlier_chapter("utils.pruning", "utils.distillation")
+    assert not _earlier_chapter("utils.distillation", "utils.pruning")
+    assert not _earlier_chapter("utils.pruning", "utils.models")
 
 
 def test_importing_utils_changes_no_global_setting():

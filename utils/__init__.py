@@ -16,8 +16,9 @@ Notebooks and labs import from here and never paste this code. Three layers, one
 3. **one module per chapter**, named after its technique (``roofline`` 00, ``fusion`` 01,
    ``quantization`` 02, then ``pruning``, ``distillation``, ``lowrank``, ``kvcache``,
    ``parallel``, ``export``, ``triton_kernels``, ``capstone``). A chapter module assigns
-   ``CHAPTER = "NN"`` and defines ``report_rows(quick=False)``; it imports core and ``llama``
-   only (the capstone alone may import other chapters). Optional packages import where used.
+   ``CHAPTER = "NN"`` and defines ``report_rows(quick=False)``; it imports core, ``llama`` and
+   earlier chapters it builds on (04 heals 03's pruned teacher), never a later one (the capstone
+   may import any). Optional packages import where used.
 
 The lab system is its own subpackage, ``utils.labs`` (spec, self-check, generator, grader,
 sandbox); it imports core only, and its lab specs (``utils/labs/specs``) are the one bridge to
