@@ -303,3 +303,8 @@ def test_tensor_arguments_and_array_comparison():
     assert "element 3" in array_close()(expected, wrong)
     assert "shape" in array_close()(expected, to_plain(torch.zeros(4)))
     assert "expected a tensor" in array_close()(expected, 3.0)
+    inf = to_plain(torch.tensor([float("inf"), 1.0]))  # an infinity must come back as itself
+    assert array_close()(inf, inf) is None
+    for got in ([5.0, 1.0], [float("-inf"), 1.0]):
+        assert "element 0" in array_close()(inf, to_plain(torch.tensor(got)))
+    assert "element 0" in array_close()(to_plain(torch.tensor([5.0, 1.0])), inf)

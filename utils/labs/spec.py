@@ -282,7 +282,8 @@ def array_close(rtol: float = 1e-5, atol: float = 1e-6):
         flat_e, flat_g = _flatten(expected["__array__"]), _flatten(got["__array__"])
         for i, (e, g) in enumerate(zip(flat_e, flat_g)):
             e, g = _num(e), _num(g)
-            if not _is_number(g) or math.isnan(g) or abs(g - e) > atol + rtol * abs(e):
+            if not _is_number(g) or math.isnan(g) or abs(g - e) > atol + rtol * abs(e) \
+                    or (math.isinf(e) or math.isinf(g)) and g != e:  # inf - inf tolerances pass
                 return (f"element {i} (flat index) differs: expected {_fmt(e)}, got {_fmt(g)} "
                         f"(rtol={rtol}, atol={atol})")
         return None
