@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.metrics import lm_quality
 from utils.models import CourseModelSpec, SPECS, finetune, llama_config
 from utils.paths import MODELS_DIR
 from utils.validation import check_choice, check_positive, check_positive_int, check_tensor
@@ -489,14 +490,6 @@ def rows_batch_fn(rows: torch.Tensor, batch_size: int):
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model, val_ids, reference, max_tokens: int = 8192) -> dict[str, float]:
-    """Held-out perplexity and top-1 agreement with the teacher (``reference``: the teacher or
-    ``utils.metrics.reference_top1`` of it)."""
-    from utils.metrics import lm_quality
-
-    return lm_quality(reference, model, val_ids, max_tokens)
-
-
 def curve_trainer(val_ids, reference, eval_every: int, max_tokens: int = 8192, model_of=None):
     """``after_step`` that records [step, perplexity, agreement] every ``eval_every`` steps;
     ``model_of(wrapper)`` picks the model to evaluate (the student inside a wrapper)."""
@@ -507,7 +500,7 @@ def curve_trainer(val_ids, reference, eval_every: int, max_tokens: int = 8192, m
         if done[0] % eval_every == 0:
             target = model_of(m) if model_of else m
             target.eval()
-            q = evaluate(target, val_ids, reference, max_tokens)
+            q = lm_quality(reference, target, val_ids, max_tokens)
             points.append([done[0], q["perplexity"], q["top1_agreement"]])
             m.train()
     return points, after
@@ -521,7 +514,7 @@ def run(model, loss_fn, steps: int, *, seed: int, val_ids, reference, eval_every
     losses = finetune(model, steps, seed=seed, loss_fn=loss_fn, after_step=after, desc=desc,
                       **train_kwargs)
     target = model_of(model) if model_of else model
-    final = evaluate(target, val_ids, reference, max_tokens)
+    final = lm_quality(reference, target, val_ids, max_tokens)
     return {"curve": points, "final": final, "final_loss": losses[-1],
             "minutes": (time.perf_counter() - start) / 60}
 
@@ -688,8 +681,8 @@ def heal_recipe(steps: int = 200, seeds=(0, 1), eval_every: int = 50,
     pruned = pruned_teacher(teacher, tok)
     result = {"settings": {"steps": steps, "seeds": list(seeds), "max_tokens": max_tokens,
                            "threads": torch.get_num_threads(), "mlp_keep": 0.5, **HEAL_TRAINING},
-              "teacher": evaluate(teacher, val, ref, max_tokens),
-              "before": evaluate(pruned, val, ref, max_tokens), "runs": {}}
+              "teacher": lm_quality(ref, teacher, val, max_tokens),
+              "before": lm_quality(ref, pruned, val, max_tokens), "runs": {}}
     for name, loss_fn in heal_objectives(teacher).items():
         for seed in seeds:
             result["runs"][f"{name}/seed{seed}"] = run(
@@ -760,7 +753,7 @@ def report_rows(quick: bool = False) -> list[dict]:
     ref = reference_top1(teacher, val, max_tokens)
     rows = []
     for label, m in models.items():
-        q = evaluate(m, val, ref, max_tokens)
+        q = lm_quality(ref, m, val, max_tokens)
         rows.append({"model": label, "params_M": sum(p.numel() for p in m.parameters()) / 1e6,
                      "weight_MB": model_weight_bytes(m) / 1e6,
                      "decode_speedup": speed[label]["decode_speedup"],

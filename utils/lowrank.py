@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from utils.models import collect_hessians, collect_input_stats, find_linears, replace_module
+from utils.pruning import linear_param_count
 from utils.validation import check_choice, check_positive_int, check_tensor
 
 CHAPTER = "05"
@@ -154,6 +155,14 @@ def whitening_factor(hessian: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
     return torch.linalg.cholesky(h)
 
 
+def whitened_svd(weight: torch.Tensor, hessian: torch.Tensor, rank: int):
+    """SVD-LLM's truncation: (A, B) = the rank-r SVD of W L, then B L^-1, with L L^T = H; A @ B
+    is the rank-r matrix of least output error ||(W - W') X^T||_F."""
+    chol = whitening_factor(hessian)
+    a, b = truncated_svd(weight.double() @ chol, rank)
+    return a, torch.linalg.solve_triangular(chol, b, upper=False, left=False)  # B L^-1
+
+
 def factor_linear(linear: nn.Linear, rank: int, method: str = "svd", *,
                   hessian: torch.Tensor | None = None, absmean: torch.Tensor | None = None,
                   alpha: float = 0.5) -> LowRankLinear:
@@ -178,9 +187,7 @@ def factor_linear(linear: nn.Linear, rank: int, method: str = "svd", *,
     else:
         if hessian is None:
             raise ValueError("method 'svd-llm' needs hessian (the layer's input Gram matrix)")
-        chol = whitening_factor(hessian)
-        a, b = truncated_svd(w @ chol, rank)
-        b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)  # B L^-1
+        a, b = whitened_svd(w, hessian, rank)
     bias = None if linear.bias is None else linear.bias.detach()
     return LowRankLinear(a.to(linear.weight.dtype), b.to(linear.weight.dtype), bias)
 
@@ -224,17 +231,9 @@ def compress_model(model, reduction: float, method: str = "svd", calibration_ids
     return compressed
 
 
-def linear_params(model, skip=("lm_head",)) -> int:
-    """Parameters held by the decoder's Linear layers, factored or not."""
-    total = 0
-    for name, m in model.named_modules():
-        if name.endswith(tuple(skip)):
-            continue
-        if isinstance(m, LowRankLinear):
-            total += sum(p.numel() for p in m.parameters())
-        elif isinstance(m, nn.Linear) and not any(name.endswith(s) for s in (".down", ".up")):
-            total += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-    return total
+# The decoder's Linear parameters: chapter 03's count, which also sees the ``down`` and ``up``
+# Linears inside every LowRankLinear.
+linear_params = linear_param_count
 
 
 def factored_latency(m: int, n: int, ranks, tokens: int, min_run_time: float = 0.2,
@@ -360,12 +359,7 @@ def latent_kv(model, latent: int, hessians: dict | None = None):
         stacked = torch.cat([k, v]).double()  # (2 kv d, hidden)
         _check_rank(latent, stacked)
         h = None if hessians is None else hessians[f"model.layers.{i}.self_attn.k_proj"]
-        if h is None:
-            a, b = truncated_svd(stacked, latent)
-        else:
-            chol = whitening_factor(h)
-            a, b = truncated_svd(stacked @ chol, latent)
-            b = torch.linalg.solve_triangular(chol, b, upper=False, left=False)
+        a, b = truncated_svd(stacked, latent) if h is None else whitened_svd(stacked, h, latent)
         a, b = a.to(k.dtype), b.to(k.dtype)
         attn.k_proj = LowRankLinear(a[:len(k)], b)
         attn.v_proj = LowRankLinear(a[len(k):], b)
