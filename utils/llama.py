@@ -142,6 +142,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------- static KV cache
 
 
+def causal_cache_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """True where a query may look: key slot j holds position j, and a query at position p sees
+    keys j <= p. ``positions`` (T,) gives a (T, L) mask shared by the batch; (B, T), one row of
+    positions per sequence (sequences of different lengths in one batch), gives (B, 1, T, L)."""
+    keys = torch.arange(length, device=positions.device)
+    mask = keys <= positions.unsqueeze(-1)  # (T, L) or (B, T, L)
+    return mask if positions.dim() == 1 else mask.unsqueeze(1)
+
+
 class StaticKVCache(nn.Module):
     """Keys and values of every layer in buffers allocated once, (layers, B, Hkv, L, D) each.
 
@@ -171,6 +180,10 @@ class StaticKVCache(nn.Module):
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]  # (B, Hkv, L, D)
+
+    def mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Which of the ``length`` cached keys each query at ``positions`` may attend to."""
+        return causal_cache_mask(positions, length)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -239,8 +252,7 @@ class CourseDecoderBlock(nn.Module):
         mask = None
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, Hkv, L, D)
-            keys = torch.arange(cache.max_length, device=x.device)
-            mask = keys[None, :] <= positions[:, None]  # (T, L): True where a query may look
+            mask = cache.mask(positions, k.shape[2])  # True where a query may look
         groups = self.heads // self.kv_heads
         k = k.repeat_interleave(groups, dim=1)  # (B, H, T or L, D): each KV head serves a group
         v = v.repeat_interleave(groups, dim=1)
@@ -255,7 +267,11 @@ class CourseLlama(nn.Module):
     """Embedding, ``CourseDecoderBlock``s, final RMSNorm and tied ``lm_head``.
 
     ``model(ids)`` is a full causal forward without a cache; ``model(ids, cache, positions)``
-    runs the tokens at ``positions`` against a ``StaticKVCache`` (prefill and decode)."""
+    runs the tokens at ``positions`` against a cache (prefill and decode). A cache is any object
+    with ``update(layer, positions, k, v) -> (keys, values)`` and ``mask(positions, length)``:
+    ``StaticKVCache`` here, the growing and paged caches of chapter 06 (``utils.kvcache``,
+    ``utils.serving``). ``positions`` is (T,) for a batch at the same positions, or (B, T) for
+    sequences at different positions (continuous batching)."""
 
     def __init__(self, embed: nn.Embedding, blocks, norm: CourseRMSNorm, lm_head: nn.Linear,
                  rope_base: float, max_positions: int):
@@ -338,10 +354,12 @@ class CourseLlama(nn.Module):
                                  f"({self.cos.shape[0]})")
             cos, sin = self.cos[:T], self.sin[:T]  # (T, D)
         else:
-            if positions is None or positions.shape != (T,):
-                raise ValueError(f"positions must be a ({T},) tensor of token positions when a "
-                                 f"cache is given, got {positions}")
-            cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
+            if positions is None or positions.shape not in ((T,), (ids.shape[0], T)):
+                raise ValueError(f"positions must be a ({T},) or ({ids.shape[0]}, {T}) tensor of "
+                                 f"token positions when a cache is given, got {positions}")
+            cos, sin = self.cos[positions], self.sin[positions]  # (T, D) or (B, T, D)
+            if positions.dim() == 2:  # one row of positions per sequence: broadcast over heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
         x = self.embed(ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin) if cache is None else \
