@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -112,7 +113,7 @@ def _layer(module: str) -> str:
         return "core"
     if name in MODEL:
         return "model"
-    if name in {c.module for c in CHAPTERS.values()}:
+    if name in {c.module for c in CHAPTERS.values()} or module in PARTS:
         return "chapter"
     return "unknown"
 
@@ -139,21 +140,28 @@ def test_import_rule_of_utils(path):
     assert not bad, f"{module} ({layer}) must not import {sorted(bad)}"
 
 
+# a chapter whose code outgrows one module splits it: the second module says CHAPTER_PART = "NN"
+PARTS = {f"utils.{path.stem}": m.group(1) for path in UTILS.glob("*.py")
+         if (m := re.search(r'^CHAPTER_PART = "(\d\d)"', path.read_text(encoding="utf-8"), re.M))}
+
+
 def _chapter_number(module: str) -> str | None:
-    return next((n for n, c in CHAPTERS.items() if f"utils.{c.module}" == module), None)
+    return next((n for n, c in CHAPTERS.items() if f"utils.{c.module}" == module),
+                PARTS.get(module))
 
 
 def _earlier_chapter(imported: str, importer: str) -> bool:
     """A chapter may build on an earlier chapter (04 heals 03's pruned teacher), never on a
     later one, so the chapters still read and run in order."""
     a, b = _chapter_number(imported), _chapter_number(importer)
-    return a is not None and b is not None and a < b
+    return a is not None and b is not None and (a < b or a == b and imported != importer)
 
 
 def test_the_import_rule_refuses_a_later_chapter():
     assert _earlier_chapter("utils.pruning", "utils.distillation")
     assert not _earlier_chapter("utils.distillation", "utils.pruning")
     assert not _earlier_chapter("utils.pruning", "utils.models")
+    assert _earlier_chapter("utils.serving", "utils.kvcache")  # chapter 06's two modules
 
 
 def test_importing_utils_changes_no_global_setting():

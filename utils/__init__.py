@@ -16,7 +16,8 @@ Notebooks and labs import from here and never paste this code. Three layers, one
 3. **one module per chapter**, named after its technique (``roofline`` 00, ``fusion`` 01,
    ``quantization`` 02, then ``pruning``, ``distillation``, ``lowrank``, ``kvcache``,
    ``parallel``, ``export``, ``triton_kernels``, ``capstone``). A chapter module assigns
-   ``CHAPTER = "NN"`` and defines ``report_rows(quick=False)``; it imports core, ``llama`` and
+   ``CHAPTER = "NN"`` and defines ``report_rows(quick=False)`` (a chapter that outgrows one module
+   puts the rest in a second, marked ``CHAPTER_PART = "NN"``: 06's ``serving``); it imports core, ``llama`` and
    earlier chapters it builds on (04 heals 03's pruned teacher), never a later one (the capstone
    may import any). Optional packages import where used.
 

@@ -223,7 +223,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = probs.cumsum(-1) - probs  # mass of the tokens strictly more likely than this one
-    drop_sorted = before >= p
+    drop_sorted = (before >= p) & (p < 1)  # p = 1 keeps all: rounding puts before ~ 1
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 

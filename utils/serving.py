@@ -37,6 +37,8 @@ import torch
 from utils.llama import CourseLlama, causal_cache_mask
 from utils.validation import check_positive, check_positive_int
 
+CHAPTER_PART = "06"  # chapter 06's second module (utils.kvcache holds CHAPTER and the report)
+
 
 # --------------------------------------------------------------------------- block tables
 
