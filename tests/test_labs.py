@@ -42,6 +42,15 @@ def test_unpaired_markers_are_errors(source, message):
         clear_solutions(source)
 
 
+def test_a_solution_region_in_a_class_body_is_an_error():
+    whole_body = "class C:\n    ### BEGIN SOLUTION\n    def f(self):\n        return 1\n    ### END SOLUTION"
+    with pytest.raises(MarkerError, match="class C"):
+        make_lab(new_notebook([code(whole_body)]))
+    per_method = "class C:\n    def f(self):\n        ### BEGIN SOLUTION\n        return 1\n        ### END SOLUTION"
+    lab = make_lab(new_notebook([code(per_method)]))
+    assert "raise NotImplementedError()" in lab.cells[-1].source
+
+
 def test_make_lab_tags_exactly_the_cells_that_will_raise():
     master = new_notebook([
         markdown("# A lab"),
@@ -116,7 +125,7 @@ def test_specs_are_consistent_with_their_notebooks():
                         and c.source.startswith("## ") and points in c.source.split("\n")[0]]
             assert headings, f"no '## ... {points}' heading for {exercise.name}"
             if exercise.kind == "function":
-                assert f"def {exercise.name}(" in text
+                assert f"def {exercise.name}(" in text or f"class {exercise.name}" in text
                 assert f"check({exercise.name})" in text
             else:
                 assert f'check({exercise.name}, "{exercise.name}")' in text

@@ -471,13 +471,16 @@ def test_dynamic_int8_minilm_size_and_cosine():
     from utils.models import embed_sentences, load_minilm
 
     model, tok = load_minilm()
-    q = Q.quantize_dynamic_int8(model)
-    assert model.encoder.layer[0].output.dense.__class__ is nn.Linear  # the original is intact
-    assert Q.linear_weight_bytes(model) / Q.linear_weight_bytes(q) > 3.5
     sentences = sample_sentences(16)
-    cos = cosine_similarity(embed_sentences(model, tok, sentences),
-                            embed_sentences(q, tok, sentences))
-    assert cos.mean() > 0.98
+    reference = embed_sentences(model, tok, sentences)
+    # Both activation ranges, whatever this CPU would pick by default: 7-bit activations (the
+    # default without VNNI) measured 0.975 on an AVX2 EPYC, 8-bit 0.992 (AVX2) and 0.993 (VNNI).
+    for reduce_range, bound in ((True, 0.96), (False, 0.985)):
+        q = Q.quantize_dynamic_int8(model, reduce_range=reduce_range)
+        assert Q.linear_weight_bytes(model) / Q.linear_weight_bytes(q) > 3.5
+        cos = cosine_similarity(reference, embed_sentences(q, tok, sentences))
+        assert cos.mean() > bound, (reduce_range, cos.mean())
+    assert model.encoder.layer[0].output.dense.__class__ is nn.Linear  # the original is intact
 
 
 def test_number_formats_table():

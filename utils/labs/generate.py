@@ -111,6 +111,11 @@ def make_lab(master: nbformat.NotebookNode, where: str = "master") -> nbformat.N
         except SyntaxError as e:
             raise MarkerError(f"{where}, cell {index}: the cleared cell is not valid Python "
                               f"({e.msg}, line {e.lineno})") from None
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any(isinstance(s, ast.Raise) for s in node.body):
+                raise MarkerError(f"{where}, cell {index}: a solution region directly in the body "
+                                  f"of class {node.name} would raise when the class is defined; "
+                                  f"put the markers inside each method")
         defined_outside |= _bound_names(tree)
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(
