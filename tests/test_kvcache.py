@@ -1,5 +1,5 @@
-"""Chapter 06: KV caches, tiled attention, sampling, speculative decoding (utils.kvcache) and the
-serving engine (utils.serving)."""
+"""Chapter 06: KV caches, tiled attention, sampling and speculative decoding (utils.kvcache); the
+serving engine's tests are in test_serving.py."""
 
 import math
 import random
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from utils import kvcache as KV
 from utils import serving as SV
-from utils.llama import CourseLlama, StaticKVCache
+from utils.llama import CourseLlama
 from utils.paths import MODELS_DIR
 
 
@@ -42,21 +42,6 @@ def test_every_cache_generates_the_same_tokens(small, prompt):
 def test_recompute_flops_sum():
     without, with_cache = KV.recompute_flops(10, 4, 3)  # steps re-run 4, 5, 6 tokens
     assert (without, with_cache) == (2 * 10 * 15, 2 * 10 * 6)
-
-
-def test_per_row_positions_through_the_paged_cache_match_one_sequence_at_a_time(small, prompt):
-    tokens = prompt[0].tolist()
-    cache = SV.PagedKVCache(small, num_blocks=8, block_size=4)
-    a = cache.allocator
-    a.allocate("x", 10)
-    a.allocate("y", 6)
-    SV.paged_forward(small, cache, ["x"], [tokens[:10]], [0])
-    SV.paged_forward(small, cache, ["y"], [tokens[10:16]], [0])
-    a.append("x"), a.append("y")
-    both = SV.paged_forward(small, cache, ["x", "y"], [[tokens[10]], [tokens[16]]], [10, 6])
-    for row, seq in enumerate((tokens[:11], tokens[10:17])):
-        alone = small(torch.tensor([seq]))[:, -1]
-        assert torch.allclose(both[row, -1], alone[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("causal,tq,tk", [(False, 37, 53), (True, 70, 70), (False, 5, 130)])
@@ -178,58 +163,3 @@ def test_speculative_sampling_first_token_follows_the_target(small):
     assert KV.chi_square_pvalue(counts, p.tolist()) > 1e-3
     with pytest.raises(ValueError, match="generator"):
         KV.speculative_generate(small, ids, 2, 2, drafter, sampling={})
-
-
-def test_block_allocator_tables_copy_on_write_and_errors():
-    a = SV.BlockAllocator(num_blocks=5, block_size=4)
-    a.allocate("a", 6)
-    assert a.table("a") == [0, 1] and a.num_free() == 3
-    a.fork("a", "b")
-    assert a.ref[0] == 2 and a.append("b") == 2 and a.copies == [(1, 2)]
-    assert a.table("b") == [0, 2] and a.ref[1] == 1
-    assert a.append("a") == 1  # a's block 1 is private again: no copy
-    a.allocate("c", 8)
-    assert a.table("c") == [3, 4] and a.num_free() == 0
-    with pytest.raises(MemoryError):
-        a.allocate("d", 1)
-    with pytest.raises(KeyError):
-        a.append("zz")
-    a.free("a")
-    assert a.ref[0] == 1 and a.num_free() == 1  # block 0 still held by b
-    a.free("b")
-    assert a.num_free() == 3 and a.table("c") == [3, 4]
-
-
-def test_prefix_cache_reuses_full_blocks_and_evicts_when_needed():
-    a = SV.BlockAllocator(num_blocks=4, block_size=2, prefix_caching=True)
-    tokens = [1, 2, 3, 4, 5]
-    assert a.allocate("a", 5, tokens) == 0
-    a.register_prefix("a", tokens)
-    assert a.allocate("b", 5, tokens) == 4  # blocks [1,2], [3,4] shared; the last token re-run
-    assert a.table("b")[:2] == a.table("a")[:2]
-    a.free("a"), a.free("b")
-    assert a.num_free() == 4  # cached blocks count as free
-    a.allocate("c", 8, list(range(10, 18)))  # needs all 4: the cached ones are evicted
-    assert a.allocate is not None and a.num_free() == 0 and not a.cached
-
-
-def test_engine_outputs_equal_greedy_and_the_policies_differ(small):
-    work = SV.poisson_workload(6, rate=100.0, seed=0, prompt_range=(4, 24), output_range=(3, 12))
-    ref = {r.rid: KV.generate(small, torch.tensor([r.prompt]), r.max_new, "static")[0,
-                                                                               len(r.prompt):].tolist()
-           for r in work}
-    runs = [SV.run_engine(small, work, policy="continuous", max_batch=3),
-            SV.run_engine(small, work, policy="static", max_batch=3),
-            SV.run_engine(small, work, max_batch=3, chunk=5)]
-    for run in runs:
-        assert run["outputs"] == ref
-        assert run["memory"]["paged_waste"] < run["memory"]["contiguous_waste"]
-    assert runs[0]["steps"] < runs[1]["steps"]  # static batches pad to their longest request
-    shared = SV.poisson_workload(5, rate=100.0, seed=1, prompt_range=(4, 8), output_range=(2, 5),
-                                 shared_prefix=32)
-    on = SV.run_engine(small, shared, max_batch=2, prefix_caching=True)
-    off = SV.run_engine(small, shared, max_batch=2)
-    assert on["outputs"] == off["outputs"] and on["prefix_hit_rate"] > 0.4
-    assert off["prefix_hit_rate"] == 0
-    with pytest.raises(ValueError, match="policy"):
-        SV.run_engine(small, work, policy="fifo")
