@@ -330,7 +330,7 @@ def tensor_memory_bytes(fn: Callable[[], object], device="cpu") -> dict:
         return {"peak_bytes": peak - before, "retained_bytes": after - before}
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with silenced_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result
     # kineto_results: the raw event list, each allocation (+) or free (-) with its time stamp
