@@ -243,7 +243,7 @@ class CourseDecoderBlock(nn.Module):
         return self.attention_and_mlp(x, cos, sin, cache, layer, positions)
 
     def attention_and_mlp(self, x, cos, sin, cache=None, layer=0, positions=None):
-        B, T, C = x.shape
+        B, T, _ = x.shape
         h = self.input_norm(x)
         q = self.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
@@ -257,7 +257,8 @@ class CourseDecoderBlock(nn.Module):
         k = k.repeat_interleave(groups, dim=1)  # (B, H, T or L, D): each KV head serves a group
         v = v.repeat_interleave(groups, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        att = self.attn_dropout(att.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
+        # (B, T, H * D); under tensor parallelism H is this rank's share of the heads
+        att = self.attn_dropout(att.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         x = x + self.o_proj(att)
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
