@@ -45,14 +45,10 @@ def _record_pid_then_fail(rank, world_size, folder, bad_rank):
     dist.barrier()  # never completes: the bad rank is gone
 
 
-def _tp_both(rank, world_size, ids):
-    return [P.tensor_parallel_forward(rank, world_size, ids, method=m)
-            for m in ("manual", "dtensor")]
-
-
 def _pp_both(rank, world_size, ids):
     return [P.pipeline_forward(rank, world_size, ids, 2),
-            P.pipeline_forward_library(rank, world_size, ids, 2)]
+            P.pipeline_forward_library(rank, world_size, ids, 2),
+            P.pipeline_sweep(rank, world_size, ids, [1, 4], repeats=1)]
 
 
 def test_launch_returns_each_rank_result_in_order():
@@ -97,7 +93,7 @@ def test_head_shards_follow_the_query_groups():
 
 
 def test_tensor_parallel_teacher_equals_one_process(ids, reference):
-    manual, dtensor = P.launch(_tp_both, 2, (ids,), timeout=120, threads=1)[0]
+    manual, dtensor = P.launch(P.tensor_parallel_both, 2, (ids,), timeout=120, threads=1)[0]
     for out in (manual, dtensor):
         assert torch.allclose(out["logits"], reference, atol=1e-4), \
             (out["logits"] - reference).abs().max()
@@ -112,7 +108,9 @@ def test_tensor_parallel_teacher_equals_one_process(ids, reference):
 
 def test_pipeline_parallel_teacher_equals_one_process(ids, reference):
     out = P.launch(_pp_both, 2, (ids,), timeout=120, threads=1)
-    (hand0, _), (hand1, library1) = out
+    (hand0, _, sweep0), (hand1, library1, sweep1) = out
+    assert sweep0 == sweep1 and sorted(sweep0) == [1, 4]  # every rank's events, gathered
+    assert [len(sweep0[m][r]) for m in (1, 4) for r in (0, 1)] == [1, 1, 4, 4]
     assert torch.allclose(hand1["logits"], reference, atol=1e-5)
     assert torch.allclose(library1["logits"], reference, atol=1e-5)
     assert len(hand0["events"]) == len(hand1["events"]) == 2

@@ -319,10 +319,12 @@ def local_parameter_bytes(model: nn.Module) -> int:
 
 
 def tensor_parallel_forward(rank: int, world_size: int, ids: torch.Tensor,
-                            checkpoint: str = "teacher", method: str = "manual") -> dict:
+                            checkpoint: str = "teacher", method: str = "manual",
+                            repeats: int = 0) -> dict:
     """One full forward of a course model under ``world_size``-way tensor parallelism (run under
     ``launch``). Rank 0 returns the logits; every rank its parameter bytes and the payload it
-    all-reduced."""
+    all-reduced in that forward. ``repeats`` > 0: also the median seconds of that many more
+    forwards (``forward_s``)."""
     if method not in ("manual", "dtensor"):
         raise ValueError(f"method must be 'manual' or 'dtensor', got {method!r}")
     model = CourseLlama.from_checkpoint(MODELS_DIR / checkpoint)
@@ -333,10 +335,24 @@ def tensor_parallel_forward(rank: int, world_size: int, ids: torch.Tensor,
         shard_with_dtensor(model, world_size)
     with torch.no_grad():
         logits = model(ids)
-    reduced = sum(m.bytes_reduced for m in model.modules() if isinstance(m, RowParallelLinear))
+        reduced = sum(m.bytes_reduced for m in model.modules()
+                      if isinstance(m, RowParallelLinear))
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - t0)
     return {"logits": logits if rank == 0 else None, "param_bytes": local_parameter_bytes(model),
             "full_param_bytes": full_bytes, "allreduce_bytes": reduced if method == "manual"
-            else None}
+            else None, "forward_s": sorted(times)[len(times) // 2] if times else None}
+
+
+def tensor_parallel_both(rank: int, world_size: int, ids: torch.Tensor,
+                         checkpoint: str = "teacher", repeats: int = 0) -> list[dict]:
+    """``tensor_parallel_forward`` by hand, then with DTensor, in the same processes."""
+    return [tensor_parallel_forward(rank, world_size, ids, checkpoint, m, repeats)
+            for m in ("manual", "dtensor")]
 
 
 # --------------------------------------------------------------------------- pipeline parallelism
@@ -357,6 +373,7 @@ class PipelineStage(nn.Module):
     def __init__(self, model: CourseLlama, index: int, num_stages: int):
         super().__init__()
         self.first, self.last = index == 0, index == num_stages - 1
+        self.hidden_size = model.config.hidden_size
         layers = stage_layers(len(model.blocks), num_stages)[index]
         self.embed = model.embed if self.first else None
         self.blocks = nn.ModuleList(model.blocks[i] for i in layers)
@@ -380,19 +397,21 @@ def pipeline_forward(rank: int, world_size: int, ids: torch.Tensor, microbatches
     states from r - 1, runs its layers and sends the result to r + 1 without waiting
     (``isend``). Returns, per rank, the (start, end) time of each micro-batch's compute, and on
     the last rank the logits."""
+    stage = PipelineStage(CourseLlama.from_checkpoint(MODELS_DIR / checkpoint), rank, world_size)
+    return _run_stage(stage, rank, ids, microbatches)
+
+
+def _run_stage(stage: PipelineStage, rank: int, ids: torch.Tensor, microbatches: int) -> dict:
     check_positive_int("microbatches", microbatches)
     if microbatches > ids.shape[0]:
         raise ValueError(f"microbatches ({microbatches}) must be at most the batch "
                          f"({ids.shape[0]})")
-    model = CourseLlama.from_checkpoint(MODELS_DIR / checkpoint)
-    stage = PipelineStage(model, rank, world_size)
-    hidden = model.config.hidden_size
     events, outputs, sends = [], [], []
     with torch.no_grad():
         for chunk in ids.tensor_split(microbatches, 0):
             x = chunk
             if not stage.first:
-                x = torch.empty(chunk.shape[0], chunk.shape[1], hidden)
+                x = torch.empty(chunk.shape[0], chunk.shape[1], stage.hidden_size)
                 dist.recv(x, rank - 1)
             t0 = time.perf_counter()
             y = stage(x)
@@ -404,6 +423,26 @@ def pipeline_forward(rank: int, world_size: int, ids: torch.Tensor, microbatches
         for work, _ in sends:
             work.wait()
     return {"events": events, "logits": torch.cat(outputs) if stage.last else None}
+
+
+def pipeline_sweep(rank: int, world_size: int, ids: torch.Tensor, microbatch_counts: list[int],
+                   checkpoint: str = "teacher", repeats: int = 3) -> dict[int, list]:
+    """``pipeline_forward``'s events for each micro-batch count M (run under ``launch``), the
+    median-span run of ``repeats`` after one warm-up, so one set of processes serves a sweep."""
+    stage = PipelineStage(CourseLlama.from_checkpoint(MODELS_DIR / checkpoint), rank, world_size)
+    out = {}
+    for m in microbatch_counts:
+        _run_stage(stage, rank, ids, m)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            dist.barrier()
+            events = _run_stage(stage, rank, ids, m)["events"]
+            everyone = [None] * world_size
+            dist.all_gather_object(everyone, events)
+            runs.append(everyone)
+        runs.sort(key=lambda r: bubble_from_events(r)["span_s"])
+        out[m] = runs[len(runs) // 2]
+    return out
 
 
 def pipeline_forward_library(rank: int, world_size: int, ids: torch.Tensor, microbatches: int,
@@ -454,7 +493,7 @@ def data_parallel_generate(rank: int, world_size: int, prompts: torch.Tensor, ne
         generate(model, prompt[None], new_tokens, "static")
         latencies.append(time.perf_counter() - t0)
     return {"start": start, "end": time.perf_counter(), "latencies": latencies,
-            "tokens": len(mine) * new_tokens}
+            "tokens": len(mine) * new_tokens, "threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- tests of the launcher
