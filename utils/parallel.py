@@ -23,6 +23,10 @@ for a cluster from the collectives measured here.
 Functions that run on every rank take ``(rank, world_size, ...)`` and live at module level, so
 that ``launch`` can start them in fresh processes (the "spawn" start method: the same on Linux,
 macOS and Windows, and safe after torch has started its threads).
+
+Reproduce the chapter's measurements::
+
+    python -m utils.report 07
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from torch import nn
 from utils.llama import CourseLlama
 from utils.paths import MODELS_DIR
 from utils.validation import check_callable, check_positive, check_positive_int
+
+CHAPTER = "07"  # found by utils.report; notebooks/07_*.ipynb, solutions/lab07_*.ipynb
 
 # --------------------------------------------------------------------------- launching processes
 
@@ -494,6 +500,42 @@ def data_parallel_generate(rank: int, world_size: int, prompts: torch.Tensor, ne
         latencies.append(time.perf_counter() - t0)
     return {"start": start, "end": time.perf_counter(), "latencies": latencies,
             "tokens": len(mine) * new_tokens, "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------- report
+
+def report_rows(quick: bool = False) -> list[dict]:
+    """Chapter 07's headline figures (``python -m utils.report 07``): the alpha-beta fit of
+    send/recv between two gloo processes, a 16 MiB all-reduce, TP = 2 and PP = 2 of the teacher
+    against one process (max |logit difference|) and the measured bubble at M = 4 against
+    GPipe's formula. ``quick``: smaller messages and batch."""
+    from utils import cluster
+
+    rows = []
+
+    def add(measurement, value, unit, conditions):
+        rows.append({"measurement": measurement, "value": float(value), "unit": unit,
+                     "conditions": conditions})
+
+    sizes = [2 ** k for k in range(10, 21 if quick else 25, 2)]
+    times = launch(collective_times, 2, (sizes, ("all_reduce", "send_recv"), 5 if quick else 20,
+                                         2 if quick else 5), timeout=300)[0]
+    alpha, beta = cluster.fit_alpha_beta(sizes, times["send_recv"])
+    cond = f"2 {default_backend()} processes, {max(1, (os.cpu_count() or 1) // 2)} thread(s) each"
+    add("send/recv latency alpha", alpha * 1e6, "us", cond)
+    add("send/recv bandwidth beta", beta / 1e9, "GB/s", cond)
+    add(f"all-reduce of {sizes[-1] // 2**10} KiB", times["all_reduce"][-1] * 1e3, "ms", cond)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4096, (4 if quick else 8, 32 if quick else 64), generator=g)
+    with torch.no_grad():
+        reference = CourseLlama.from_checkpoint(MODELS_DIR / "teacher")(ids)
+    tp = launch(tensor_parallel_forward, 2, (ids,), timeout=300)[0]
+    add("TP = 2 vs one process, max |logit diff|", (tp["logits"] - reference).abs().max(), "",
+        f"teacher fp32, batch {ids.shape[0]} x {ids.shape[1]}")
+    sweep = launch(pipeline_sweep, 2, (ids, [4], "teacher", 1 if quick else 3), timeout=300)[0]
+    add("pipeline bubble, K = 2, M = 4", bubble_from_events(sweep[4])["bubble"], "fraction",
+        f"formula {cluster.bubble_fraction(2, 4):.2f}; teacher, batch {ids.shape[0]}")
+    return rows
 
 
 # --------------------------------------------------------------------------- tests of the launcher
