@@ -40,7 +40,9 @@ def _gone(pid: int) -> bool:
 def _record_pid_then_fail(rank, world_size, folder, bad_rank):
     (folder / f"{rank}.pid").write_text(str(os.getpid()))
     if rank == bad_rank:
-        time.sleep(0.5)  # let the other ranks reach the collective first
+        while len(list(folder.glob("*.pid"))) < world_size:  # every rank has written its pid
+            time.sleep(0.05)
+        time.sleep(0.2)  # and gone on into the barrier
         raise RuntimeError(f"rank {rank} was told to fail")
     dist.barrier()  # never completes: the bad rank is gone
 
