@@ -204,6 +204,7 @@ class CourseDecoderBlock(nn.Module):
             raise ValueError(f"hidden ({hidden}) must divide by heads ({heads}) and heads by "
                              f"kv_heads ({kv_heads})")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.shard_width = None  # tensor parallelism (chapter 07) sets this rank's heads x head_dim
         d = self.head_dim
         self.input_norm = CourseRMSNorm(hidden, eps)
         self.q_proj = nn.Linear(hidden, heads * d, bias=False)
@@ -243,7 +244,7 @@ class CourseDecoderBlock(nn.Module):
         return self.attention_and_mlp(x, cos, sin, cache, layer, positions)
 
     def attention_and_mlp(self, x, cos, sin, cache=None, layer=0, positions=None):
-        B, T, _ = x.shape
+        B, T, C = x.shape
         h = self.input_norm(x)
         q = self.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
@@ -257,8 +258,8 @@ class CourseDecoderBlock(nn.Module):
         k = k.repeat_interleave(groups, dim=1)  # (B, H, T or L, D): each KV head serves a group
         v = v.repeat_interleave(groups, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        # (B, T, H * D); under tensor parallelism H is this rank's share of the heads
-        att = self.attn_dropout(att.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        width = C if self.shard_width is None else self.shard_width  # (a constant when traced)
+        att = self.attn_dropout(att.transpose(1, 2).contiguous().view(B, T, width))  # (B, T, C)
         x = x + self.o_proj(att)
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))

@@ -293,7 +293,7 @@ def shard_tensor_parallel(model: CourseLlama, rank: int, world_size: int, group=
         block.gate_proj = _linear_rows(block.gate_proj, cols)
         block.up_proj = _linear_rows(block.up_proj, cols)
         block.down_proj = RowParallelLinear(block.down_proj, cols, group)
-        block.heads, block.kv_heads = len(q), len(kv)
+        block.heads, block.kv_heads, block.shard_width = len(q), len(kv), len(q) * d
     return model
 
 
@@ -316,6 +316,7 @@ def shard_with_dtensor(model: CourseLlama, world_size: int):
                              f"the KV heads ({block.kv_heads})")
         parallelize_module(block, mesh, plan)
         block.heads, block.kv_heads = block.heads // world_size, block.kv_heads // world_size
+        block.shard_width = block.heads * block.head_dim
     return model
 
 
@@ -517,7 +518,7 @@ def report_rows(quick: bool = False) -> list[dict]:
         rows.append({"measurement": measurement, "value": float(value), "unit": unit,
                      "conditions": conditions})
 
-    sizes = [2 ** k for k in range(10, 21 if quick else 25, 2)]
+    sizes = [2 ** k for k in range(16 if quick else 10, 23 if quick else 25, 2)]  # quick: 64 KiB+
     times = launch(collective_times, 2, (sizes, ("all_reduce", "send_recv"), 5 if quick else 20,
                                          2 if quick else 5), timeout=300)[0]
     alpha, beta = cluster.fit_alpha_beta(sizes, times["send_recv"])
