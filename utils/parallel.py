@@ -539,15 +539,7 @@ def report_rows(quick: bool = False) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- tests of the launcher
-
-def _raise_on(rank: int, world_size: int, bad_rank: int) -> int:
-    """Rank ``bad_rank`` raises; the others wait in a collective that never completes."""
-    if rank == bad_rank:
-        raise RuntimeError(f"rank {rank} was told to fail")
-    dist.barrier()
-    return rank
-
+# --------------------------------------------------------------------------- small workers (the notebook's first launch, the launcher's tests)
 
 def _sleep(rank: int, world_size: int, seconds: float) -> int:
     time.sleep(seconds)

@@ -9,6 +9,7 @@ the matrix products written out below.
 from __future__ import annotations
 
 import math
+import random
 
 from utils.labs.spec import (Case, Exercise, LabSpec, _compare_raises, _show, array_close,
                              call_with_tensors, choice, close, exact, one_of, tensor_arg)
@@ -23,6 +24,8 @@ def _mat(rng, rows, cols):
 # --------------------------------------------------------------------------- 1: split a layer
 
 def _split_ref(x, weight, world_size, split):
+    import torch
+
     def ref(x, w, p, how):
         if how not in ("columns", "rows"):
             raise ValueError(f"split must be 'columns' or 'rows', got {how!r}")
@@ -31,7 +34,7 @@ def _split_ref(x, weight, world_size, split):
             raise ValueError(f"world_size must be a positive integer dividing {size}, got {p!r}")
         if how == "columns":  # rank r: output features r (rows of W, columns of W^T)
             parts = [x @ wr.T for wr in w.chunk(p, 0)]
-            return parts, __import__("torch").cat(parts, -1)
+            return parts, torch.cat(parts, -1)
         parts = [xr @ wr.T for xr, wr in zip(x.chunk(p, -1), w.chunk(p, 1))]
         return parts, sum(parts)
 
@@ -176,8 +179,8 @@ SPEC = LabSpec(
         Exercise(
             name="split_linear", points=3, title="A linear layer split by columns and by rows",
             expected=_split_ref, adapter=ADAPTER, compare=_parts_and_total(1e-5, 1e-5),
-            public=(_split_case(__import__("random").Random(1), 2, 4, 6, 2, "columns"),
-                    _split_case(__import__("random").Random(2), 2, 4, 6, 2, "rows")),
+            public=(_split_case(random.Random(1), 2, 4, 6, 2, "columns"),
+                    _split_case(random.Random(2), 2, 4, 6, 2, "rows")),
             hidden=_hidden_split,
             hint="columns: x @ W[rows_r].T, then concatenate; rows: x[:, cols_r] @ W[:, cols_r].T, "
                  "then add",
@@ -196,7 +199,7 @@ SPEC = LabSpec(
         Exercise(
             name="fit_latency_bandwidth", points=2, title="The alpha-beta fit",
             expected=_fit_ref, compare=_pair_close(1e-4),
-            public=(_fit_case(__import__("random").Random(3), 5e-5, 1e10),),
+            public=(_fit_case(random.Random(3), 5e-5, 1e10),),
             hidden=_hidden_fit, hint="least squares of t = alpha + n * (1 / beta): a line in n",
             references=("utils.cluster.fit_alpha_beta",)),
         Exercise(
