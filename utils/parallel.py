@@ -539,7 +539,7 @@ def report_rows(quick: bool = False) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- small workers (the notebook's first launch, the launcher's tests)
+# --------------------------------------------------------------------------- small workers (notebook, tests)
 
 def _sleep(rank: int, world_size: int, seconds: float) -> int:
     time.sleep(seconds)
