@@ -322,6 +322,16 @@ def test_channel_sends_json_lines_whatever_the_student_replaced(monkeypatch):
                                                                         "unencodable"}}
 
 
+def test_cells_keep_their_source_for_inspect_as_in_ipython():
+    """``@triton.jit`` (and anything else that calls ``inspect.getsource``) needs a cell's
+    source; the child registers it with linecache as IPython does."""
+    import inspect
+
+    namespace = {}
+    exec(sandbox_child.compile_cell("def kernel(x):\n    return x + 1\n", 7), namespace)
+    assert inspect.getsource(namespace["kernel"]) == "def kernel(x):\n    return x + 1\n"
+
+
 def test_capped_text_keeps_the_head_and_counts_everything():
     out = sandbox_child.CappedText(cap=5)
     out.write("hello world")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import linecache
 import os
 import signal
 import sys
@@ -469,6 +470,14 @@ def describe(exc: BaseException, type_name) -> dict:
     return {"kind": "raised", "name": type_name(t), "bases": bases, "message": message}
 
 
+def compile_cell(source: str, index) -> object:
+    """The cell's code object, its source registered with ``linecache`` as IPython does, so that
+    ``inspect.getsource`` finds the cell's functions (``@triton.jit`` reads its kernel's source)."""
+    text, name = to_python(source), f"<cell {index}>"
+    linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
+    return compile(text, name, "exec")
+
+
 def run_cells(cells, namespace, channel: Channel, limiter: Limiter, timeout_s: float,
               type_name) -> None:
     """Each cell under its time limit: ``cell_start``, then ``cell_end`` with its error."""
@@ -477,8 +486,7 @@ def run_cells(cells, namespace, channel: Channel, limiter: Limiter, timeout_s: f
         channel.send("cell_start", index=index)
         error, started = None, monotonic()
         try:
-            code = limiter.run(timeout_s, lambda s=source, i=index: compile(
-                to_python(s), f"<cell {i}>", "exec"))
+            code = limiter.run(timeout_s, compile_cell, source, index)
             limiter.run(timeout_s, exec, code, namespace)
         except SoftTimeout:
             error = {"kind": "timeout", "seconds": timeout_s}
