@@ -173,6 +173,7 @@ def softmax_kernel(out_ptr, in_ptr, in_row_stride, out_row_stride, n_cols,
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(in_ptr + row * in_row_stride + cols, mask=mask, other=-float("inf"))
+    x = x.to(tl.float32)                  # fp16/bf16 inputs: the arithmetic in fp32
     z = x - tl.max(x, axis=0)             # padding lanes hold -inf: exp gives 0
     num = tl.exp(z)
     tl.store(out_ptr + row * out_row_stride + cols, num / tl.sum(num, axis=0), mask=mask)
@@ -212,14 +213,14 @@ def online_softmax_kernel(out_ptr, in_ptr, in_row_stride, out_row_stride, n_cols
     d = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf"))
+        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(base + cols, mask=mask, other=-float("inf"))
+        x = tl.load(base + cols, mask=mask, other=-float("inf")).to(tl.float32)
         tl.store(out_ptr + row * out_row_stride + cols, tl.exp(x - m) / d, mask=mask)
 
 
@@ -334,7 +335,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     matmul_kernel[grid](a, b, c, bias if bias is not None else c, m, n, k,
                         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                         c.stride(0), c.stride(1), HAS_BIAS=bias is not None, GELU=gelu,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m)
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+                        num_warps=8, num_stages=3)  # the tutorial's 128 x 128 tile settings
     return c
 
 
@@ -628,23 +630,27 @@ def _assert_kernel(x_ptr, n, BLOCK: tl.constexpr):
 
 
 def device_assert_fires() -> bool:
-    """Whether a failing ``tl.device_assert`` raises in this process. Asserts are compiled
-    only with TRITON_DEBUG=1 on a GPU; Triton 3.9's interpreter ignores them (its options have
-    debug=False): test your masks with a guard band (``copy_with_guard``) instead."""
+    """Whether a failing ``tl.device_assert`` raises in this process. In the interpreter it is
+    tried (Triton 3.9's ignores asserts: its options have debug=False). On a GPU asserts are
+    compiled only with TRITON_DEBUG=1, and a failing one aborts the CUDA context (every later
+    CUDA call fails), so it is not launched: the answer is whether TRITON_DEBUG is set. Test
+    masks with a guard band (``copy_with_guard``) instead."""
     require_triton()
+    if not interpreting():
+        return os.environ.get("TRITON_DEBUG", "0") not in ("", "0")
     x = torch.zeros(8, device=kernel_device())
     try:
         _assert_kernel[(1,)](x, 4, BLOCK=8)
-        if not interpreting():
-            torch.cuda.synchronize()
-    except (AssertionError, RuntimeError):
+    except AssertionError:
         return True
     return False
 
 
 # --------------------------------------------------------------------------- 8. checks, GPUs
 
-TOLERANCE = {"fp32": 1e-4}  # max |error| vs torch accepted in fp32 (reductions reorder sums)
+# max |error| vs torch accepted on fp32 inputs (reductions reorder sums). On a GPU, tl.dot on
+# fp32 runs in TF32 (10-bit mantissa) by default, so kernels with a dot get a looser bound there.
+TOLERANCE = {"fp32": 1e-4, "tf32 dot": 2e-2}
 
 
 def check_kernels(quick: bool = True, seed: int = 0) -> list[dict]:
@@ -658,10 +664,11 @@ def check_kernels(quick: bool = True, seed: int = 0) -> list[dict]:
     r = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     rows = []
 
-    def add(kernel, shape, got, want):
+    def add(kernel, shape, got, want, dot=False):
         err = float((got.float() - want.float()).abs().max())
+        tol = TOLERANCE["tf32 dot" if dot and not interpreting() else "fp32"]
         rows.append({"kernel": kernel, "shape": shape, "max_abs_error": err,
-                     "tolerance": TOLERANCE["fp32"], "passed": err <= TOLERANCE["fp32"]})
+                     "tolerance": tol, "passed": err <= tol})
 
     x, y = r(1000 * s), r(1000 * s)
     add("vector_add", f"({1000 * s},)", vector_add(x, y, block=256), x + y)
@@ -671,9 +678,9 @@ def check_kernels(quick: bool = True, seed: int = 0) -> list[dict]:
     add("online_fused_softmax", f"(5, {3000 * s})", online_fused_softmax(x, block=512),
         torch.softmax(x, -1))
     a, b, bias = r(70 * s, 90), r(90, 50 * s), r(50 * s)
-    add("matmul", f"({70 * s}, 90) @ (90, {50 * s})", matmul(a, b), a @ b)
+    add("matmul", f"({70 * s}, 90) @ (90, {50 * s})", matmul(a, b), a @ b, dot=True)
     add("matmul + bias + GELU", f"({70 * s}, 90) @ (90, {50 * s})",
-        matmul(a, b, bias, gelu=True), F.gelu(a @ b + bias))
+        matmul(a, b, bias, gelu=True), F.gelu(a @ b + bias), dot=True)
     x, w, bb = r(19 * s, 300), r(300), r(300)
     add("layer_norm", f"({19 * s}, 300)", layer_norm(x, w, bb), F.layer_norm(x, (300,), w, bb))
     add("rms_norm", f"({19 * s}, 300)", rms_norm(x, w), F.rms_norm(x, (300,), w, 1e-6))
@@ -681,7 +688,7 @@ def check_kernels(quick: bool = True, seed: int = 0) -> list[dict]:
     for causal in (False, True):
         add(f"flash_attention{' causal' if causal else ''}", f"(1, 2, {50 * s}, 32)",
             flash_attention(q, k, v, causal=causal),
-            F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal), dot=True)
     torch.manual_seed(seed)
     layer = int4_linear_from(nn.Linear(128, 40 * s)).to(dev)
     x = r(2, 128)
@@ -760,7 +767,7 @@ def gpu_benchmarks(size: int = 4096, warmup: int = 25, rep: int = 100) -> list[d
 
     torch.manual_seed(0)
     n, dev, h = size, "cuda", torch.float16
-    ms = lambda fn: do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5])  # noqa: E731
+    ms = lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")  # noqa: E731
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     copy_bw = 2 * src.numel() / (ms(lambda: dst.copy_(src)) * 1e-3)
