@@ -756,54 +756,82 @@ def predicted_gpu_times(gpu: str = "T4", size: int = 4096) -> list[dict]:
     return rows
 
 
-def gpu_benchmarks(size: int = 4096, warmup: int = 25, rep: int = 100) -> list[dict]:
-    """Measured on this process's CUDA GPU with ``triton.testing.do_bench`` (median ms): each
-    Triton kernel beside torch eager and ``torch.compile`` at fp16, in GB/s (memory-bound
-    kernels) and TFLOP/s (matmul, against cuBLAS), with the fraction of a measured
-    device-to-device copy bandwidth. Raises on a machine without a GPU."""
-    if mode() != "cuda":
-        raise RuntimeError(f"gpu_benchmarks needs a CUDA GPU and native Triton, mode is {mode()}")
-    from triton.testing import do_bench
+def gpu_spec(device_name: str) -> dict | None:
+    """The ``GPU_SPECS`` entry whose model name (T4, A100, H100, H200) appears in
+    ``torch.cuda.get_device_name()``, or None."""
+    for key, spec in GPU_SPECS.items():
+        if key.split("-")[0] in device_name:
+            return spec
+    return None
 
+
+def gpu_benchmarks(size: int = 4096, warmup: int = 25, rep: int = 100, timer=None,
+                   compiled: bool = True) -> list[dict]:
+    """Measured on this process's CUDA GPU with ``triton.testing.do_bench`` (median ms): each
+    Triton kernel beside torch eager (and ``torch.compile``) at fp16, in GB/s of the useful
+    traffic with its fraction of a measured device-to-device copy, and TFLOP/s for matmul (against
+    cuBLAS) and attention (against SDPA) with the fraction of the datasheet peak. Raises without a
+    GPU unless ``timer`` (fn -> ms) is given: the tests run the whole table that way on a CPU."""
+    if timer is None and mode() != "cuda":
+        raise RuntimeError(f"gpu_benchmarks needs a CUDA GPU and native Triton, mode is {mode()}")
+    check_positive_int("size", size)
+    if timer is None:
+        from triton.testing import do_bench
+
+        timer = lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")  # noqa
     torch.manual_seed(0)
-    n, dev, h = size, "cuda", torch.float16
-    ms = lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")  # noqa: E731
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    n, dev, h = size, kernel_device(), torch.float16
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)"
+    peak = (gpu_spec(name) or {}).get("fp16_flops")
+    src = torch.empty(64 * n * n // 1024 + 1, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / (ms(lambda: dst.copy_(src)) * 1e-3)
+    copy_bw = 2 * src.numel() / (timer(lambda: dst.copy_(src)) * 1e-3)
     x = torch.randn(n, n, device=dev, dtype=h)
     w, b = torch.randn(n, device=dev, dtype=h), torch.randn(n, device=dev, dtype=h)
-    compiled_softmax = torch.compile(lambda t: torch.softmax(t, -1))
-    compiled_ln = torch.compile(lambda t: F.layer_norm(t, (n,), w, b))
+    softmax_fn, ln_fn = (lambda t: torch.softmax(t, -1)), (lambda t: F.layer_norm(t, (n,), w, b))
     rows = []
 
-    def add(case, impl, t_ms, nbytes, flops=0.0):
+    def add(case, impl, fn, nbytes, flops=0.0):
+        t_ms = timer(fn)
         gbs = nbytes / (t_ms * 1e-3) / 1e9
-        rows.append({"case": case, "implementation": impl, "ms": t_ms, "GB/s": gbs,
-                     "TFLOP/s": flops / (t_ms * 1e-3) / 1e12 if flops else None,
-                     "of_copy_bw": gbs * 1e9 / copy_bw})
+        tflops = flops / (t_ms * 1e-3) / 1e12 if flops else None
+        rows.append({"device": name, "case": case, "implementation": impl, "ms": t_ms,
+                     "GB/s": gbs, "of_copy_bw": gbs * 1e9 / copy_bw, "TFLOP/s": tflops,
+                     "of_peak_flops": tflops * 1e12 / peak if tflops and peak else None})
 
+    vec = torch.randn(n * n, device=dev, dtype=h)
+    add("vector add", "Triton", lambda: vector_add(vec, vec), 3 * 2 * n * n)
+    add("vector add", "torch eager", lambda: vec + vec, 3 * 2 * n * n)
     sm_bytes = 2 * 2 * n * n  # the useful traffic: read and write once
-    add("softmax", "Triton fused", ms(lambda: fused_softmax(x)), sm_bytes)
-    add("softmax", "torch eager", ms(lambda: torch.softmax(x, -1)), sm_bytes)
-    add("softmax", "torch.compile", ms(lambda: compiled_softmax(x)), sm_bytes)
+    add("softmax", "Triton fused", lambda: fused_softmax(x), sm_bytes)
+    add("softmax", "torch eager", lambda: softmax_fn(x), sm_bytes)
     ln_bytes = 2 * (2 * n * n + 2 * n)
-    add("layer norm", "Triton", ms(lambda: layer_norm(x, w, b)), ln_bytes)
-    add("layer norm", "torch eager", ms(lambda: F.layer_norm(x, (n,), w, b)), ln_bytes)
-    add("layer norm", "torch.compile", ms(lambda: compiled_ln(x)), ln_bytes)
+    add("layer norm", "Triton", lambda: layer_norm(x, w, b), ln_bytes)
+    add("layer norm", "torch eager", lambda: ln_fn(x), ln_bytes)
+    if compiled:
+        compiled_softmax, compiled_ln = torch.compile(softmax_fn), torch.compile(ln_fn)
+        add("softmax", "torch.compile", lambda: compiled_softmax(x), sm_bytes)
+        add("layer norm", "torch.compile", lambda: compiled_ln(x), ln_bytes)
     a, bm = torch.randn(n, n, device=dev, dtype=h), torch.randn(n, n, device=dev, dtype=h)
     mm_bytes, mm_flops = 2 * 3 * n * n, 2.0 * n ** 3
-    add("matmul fp16", "Triton", ms(lambda: matmul(a, bm)), mm_bytes, mm_flops)
-    add("matmul fp16", "cuBLAS (torch.matmul)", ms(lambda: a @ bm), mm_bytes, mm_flops)
-    add("matmul + bias + GELU", "Triton fused", ms(lambda: matmul(a, bm, w, gelu=True)),
+    add("matmul fp16", "Triton", lambda: matmul(a, bm), mm_bytes, mm_flops)
+    add("matmul fp16", "cuBLAS (torch.matmul)", lambda: a @ bm, mm_bytes, mm_flops)
+    add("matmul + bias + GELU", "Triton fused", lambda: matmul(a, bm, w, gelu=True),
         mm_bytes, mm_flops)
-    add("matmul + bias + GELU", "torch eager", ms(lambda: F.gelu(a @ bm + w)), mm_bytes, mm_flops)
+    add("matmul + bias + GELU", "torch eager", lambda: F.gelu(a @ bm + w), mm_bytes, mm_flops)
+    t = max(16, n // 4)  # attention: batch 4, 16 heads of 64, T = size / 4, causal
+    q, k, v = (torch.randn(4, 16, t, 64, device=dev, dtype=h) for _ in range(3))
+    att_flops, att_bytes = 4 * 4 * 16 * t * t * 64 / 2, 4 * 2 * 4 * 16 * t * 64
+    add("attention, causal", "Triton FlashAttention", lambda: flash_attention(q, k, v, True),
+        att_bytes, att_flops)
+    add("attention, causal", "torch SDPA",
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), att_bytes, att_flops)
     layer = int4_linear_from(nn.Linear(n, n)).to(dev)
     dense = nn.Linear(n, n, bias=False).to(dev, h)
-    v = torch.randn(1, n, device=dev)
-    add("GEMV batch 1", "Triton int4", ms(lambda: int4_gemv(v, layer)),
+    row = torch.randn(1, n, device=dev)
+    add("GEMV batch 1", "Triton int4", lambda: int4_gemv(row, layer),
         gemv_traffic(n, n, 32)["int4_bytes"])
-    add("GEMV batch 1", "torch fp16", ms(lambda: dense(v.to(h))), gemv_traffic(n, n)["fp16_bytes"])
+    add("GEMV batch 1", "torch fp16", lambda: dense(row.to(h)), gemv_traffic(n, n)["fp16_bytes"])
     return rows
 
 
