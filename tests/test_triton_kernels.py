@@ -190,3 +190,17 @@ def test_the_gpu_benchmark_table_builds_with_a_stand_in_timer():
                                          "GEMV batch 1"}
     assert all(r["ms"] == 1.0 and r["GB/s"] > 0 for r in rows)
     assert T.gpu_spec("NVIDIA H200") == T.GPU_SPECS["H200-SXM"] and T.gpu_spec("cpu") is None
+
+
+def test_kernels_run_when_triton_was_imported_first():
+    """torch.compile imports triton before this module can set TRITON_INTERPRET: the standard
+    library's @jit helpers (tl.max, tl.cdiv) must still run in the interpreter."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's case")
+    code = ("import triton\nfrom utils import triton_kernels as T\n"
+            "assert T.program_order(3, 3, 1)[:2] == [(0, 0), (0, 1)]\n"
+            "assert all(r['passed'] for r in T.check_kernels())\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in __import__("os").environ.items()
+                                           if k != "TRITON_INTERPRET"})
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -982,21 +982,23 @@ def shared_quantize_copy(model: nn.Module, handler_cls, *args, **kwargs) -> nn.M
 
 
 def decode_speed(models: dict, prompt_len: int = 32, min_run_time: float = 0.5,
-                 weight_bytes: dict | None = None) -> dict[str, dict]:
-    """Batch-1 decode of ``utils.llama.CourseLlama`` variants, timed side by side in one
-    ``utils.bench.compare`` run: each call is one decode step (one token against a static KV
-    cache holding ``prompt_len`` tokens). Returns ``{label: {"median_ms", "speedup",
-    "tokens_per_s", "weight_bytes_per_s"}}`` (the last when ``weight_bytes[label]``, the bytes of
-    weights one step reads, is given)."""
+                 weight_bytes: dict | None = None, batch_size: int = 1) -> dict[str, dict]:
+    """Decode of ``utils.llama.CourseLlama`` variants, timed side by side in one
+    ``utils.bench.compare`` run: each call is one decode step (one token per sequence of
+    ``batch_size`` against a static KV cache holding ``prompt_len`` tokens). Returns ``{label:
+    {"median_ms", "speedup", "tokens_per_s", "weight_bytes_per_s"}}`` (tokens of the whole
+    batch; the last when ``weight_bytes[label]``, the bytes of weights one step reads, is
+    given)."""
     from utils.bench import compare
     from utils.llama import StaticKVCache
 
     check_positive_int("prompt_len", prompt_len)
+    check_positive_int("batch_size", batch_size)
     steps = {}
     with torch.inference_mode():
         for label, m in models.items():
-            cache = StaticKVCache(m.config, 1, prompt_len + 1)
-            ids = torch.randint(0, m.config.vocab_size, (1, prompt_len),
+            cache = StaticKVCache(m.config, batch_size, prompt_len + 1)
+            ids = torch.randint(0, m.config.vocab_size, (batch_size, prompt_len),
                                 generator=torch.Generator().manual_seed(0))
             m(ids, cache, torch.arange(prompt_len))  # prefill
             tok, pos = ids[:, -1:], torch.tensor([prompt_len])
@@ -1005,7 +1007,7 @@ def decode_speed(models: dict, prompt_len: int = 32, min_run_time: float = 0.5,
     out = {}
     for label, t in timings.items():
         row = {"median_ms": t["median_ms"], "speedup": t["speedup"],
-               "tokens_per_s": 1e3 / t["median_ms"]}
+               "tokens_per_s": batch_size * 1e3 / t["median_ms"]}
         if weight_bytes and label in weight_bytes:
             row["weight_bytes_per_s"] = weight_bytes[label] / (t["median_ms"] / 1e3)
         out[label] = row

@@ -33,6 +33,7 @@ What is here:
 
 import math
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -50,6 +51,8 @@ CHAPTER = "09"  # found by utils.report; notebooks/09_*.ipynb, solutions/lab09_*
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+_TRITON_IMPORTED_BEFORE = "triton.language" in sys.modules
+
 try:
     import triton
     import triton.language as tl
@@ -66,6 +69,28 @@ except ImportError:  # no wheel for this platform: the kernels are defined but c
 
     triton = SimpleNamespace(jit=_MissingKernel)
     tl = SimpleNamespace(constexpr=int)
+
+
+def _interpret_standard_library() -> int:
+    """When triton was imported before TRITON_INTERPRET was set (torch.compile imports it), its
+    standard library's ``@jit`` helpers (``tl.max``, ``tl.sum``, ``tl.cdiv``, ...) were built as
+    compiled functions, which the interpreter cannot call from a kernel ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"): rewrap them as interpreted ones. Returns how many."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    count = 0
+    for module in [m for name, m in list(sys.modules.items())
+                   if name.startswith("triton.language") and m is not None]:
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                setattr(module, name, InterpretedFunction(obj.fn))
+                count += 1
+    return count
+
+
+if HAVE_TRITON and _TRITON_IMPORTED_BEFORE and os.environ.get("TRITON_INTERPRET") == "1":
+    _interpret_standard_library()
 
 
 def interpreting() -> bool:
