@@ -3,9 +3,10 @@ brief, predicting a stage's effect from chapter 00's bound, an open brief met by
 course's stages, and one question on the order of stages.
 
 The open brief is graded on what is deterministic: the learner's ``PLAN`` (a plain list of stage
-names) is built here, in the grading process, with ``utils.capstone.build`` from the course
-teacher, and its stored bytes and held-out perplexity are measured and compared with the brief's
-bounds. Nothing the submission runs can change those numbers; no latency decides a score.
+names) is looked up, in the grading process, in the chapter's committed run (stored bytes and
+held-out perplexity of every variant, measured in one run by ``python -m utils.capstone build``)
+and compared with the brief's bounds. Nothing the submission runs can change those numbers; no
+latency decides a score.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import random  # noqa: F401  (hidden cases take a random.Random)
 from utils.labs.spec import Case, Exercise, LabSpec, _show, choice, close, exact, one_of
 
 # the open brief: at most this fraction of the teacher's stored bytes, perplexity within this
-# ratio of the teacher's on the first PLAN_TOKENS held-out tokens
-PLAN_MAX_SIZE, PLAN_MAX_PERPLEXITY, PLAN_TOKENS = 0.30, 1.05, 2048
+# ratio of the teacher's (the committed run's held-out tokens)
+PLAN_MAX_SIZE, PLAN_MAX_PERPLEXITY = 0.30, 1.05
 
 
 def _row(name, ppl, ms, mb, tps=None):
@@ -110,31 +111,22 @@ def _speedup_compare(expected, got):
 # --------------------------------------------------------------------------- 4: the open brief
 
 def _plan_target():
-    return {"max_size_ratio": PLAN_MAX_SIZE, "max_perplexity_ratio": PLAN_MAX_PERPLEXITY,
-            "tokens": PLAN_TOKENS}
-
-
-_MEASURED: dict = {}
+    return {"max_size_ratio": PLAN_MAX_SIZE, "max_perplexity_ratio": PLAN_MAX_PERPLEXITY}
 
 
 def measure_plan(stages) -> dict:
-    """Build ``stages`` from the teacher with the course's functions and measure its stored size
-    and perplexity against the teacher's (on ``PLAN_TOKENS`` held-out tokens). Runs in the
-    grading process; cached per plan."""
-    from utils.capstone import build, check_chain, load_context, size_bytes
-    from utils.metrics import lm_quality
+    """The plan's stored-size and perplexity ratios to the teacher, looked up in the chapter's
+    committed run (``utils.capstone.load_results``: every variant built and measured in one run,
+    8192 held-out tokens). Runs in the grading process; no model is loaded."""
+    from utils.capstone import check_chain, load_results, variant_name
 
-    key = tuple(stages)
-    if key not in _MEASURED:
-        chain = check_chain(key)
-        if "heal" in chain:
-            raise ValueError("the lab's plans leave out heal (training is too slow to grade)")
-        ctx = _MEASURED.setdefault("ctx", load_context(0, PLAN_TOKENS))
-        model = build(chain, ctx, None, progress=False)
-        q, t = (lm_quality(ctx.teacher, m, ctx.val_ids, PLAN_TOKENS) for m in (model, ctx.teacher))
-        _MEASURED[key] = {"size_ratio": size_bytes(model) / size_bytes(ctx.teacher),
-                          "perplexity_ratio": q["perplexity"] / t["perplexity"]}
-    return _MEASURED[key]
+    name = variant_name(check_chain(stages))
+    rows = {r["variant"]: r for r in load_results()["rows"] if not r.get("ablation")}
+    if name not in rows:
+        raise ValueError(f"the plan {name!r} is not one of the measured variants: "
+                         f"{sorted(rows)}")
+    return {"size_ratio": rows[name]["size_mb"] / rows["teacher"]["size_mb"],
+            "perplexity_ratio": rows[name]["perplexity_ratio"]}
 
 
 def _plan_compare(expected, got):
@@ -194,9 +186,9 @@ SPEC = LabSpec(
             title="A plan of stages that meets the open brief",
             expected=lambda: _plan_target(), compare=_plan_compare,
             public=(Case(label=f"at most {PLAN_MAX_SIZE}x the teacher's stored bytes, perplexity "
-                               f"within {PLAN_MAX_PERPLEXITY}x, built and measured by the grader",
+                               f"within {PLAN_MAX_PERPLEXITY}x, in the chapter's measured run",
                          graded=False),),
-            hidden=lambda rng: [Case(label="the brief, built and measured by the grader")],
+            hidden=lambda rng: [Case(label="the brief, against the chapter's measured run")],
             hint="read the chapter's table: which stage alone keeps the quality and shrinks the "
                  "bytes the most?"),
         Exercise(
