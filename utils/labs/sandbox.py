@@ -155,7 +155,16 @@ SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 UTILS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(UTILS_DIR)
-WORKDIR = "/tmp/work"  # the submission's private writable folder, inside the sandbox
+# Paths *inside* the sandbox's own mount namespace, not on this machine: bubblewrap mounts a
+# fresh tmpfs at SANDBOX_TMP, and the submission writes only to WORKDIR within it. The host's
+# files the sandbox sees are found at run time (``_readonly_paths``), never written here.
+SANDBOX_TMP = "/tmp"
+WORKDIR = SANDBOX_TMP + "/work"
+# the standard Linux system folders (FHS), bound read-only where they exist on this machine
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
+                "/etc/localtime")  # what the dynamic linker and time zone need
+SYSTEM_PATH = "/usr/bin:/bin"  # the child's PATH: system programs only, nothing from the host's
 STARTUP_S = 30.0  # wall clock allowed on top of the spec's limit for the trusted start-up
 
 
@@ -226,9 +235,7 @@ def _readonly_paths() -> list[str]:
     paths = sysconfig.get_paths()
     import site
 
-    wanted = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
-              "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
-              "/etc/localtime", sys.prefix, sys.base_prefix, sys.exec_prefix,
+    wanted = [*SYSTEM_DIRS, *SYSTEM_FILES, sys.prefix, sys.base_prefix, sys.exec_prefix,
               sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
               paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"],
               *site.getsitepackages(), UTILS_DIR]
@@ -258,7 +265,7 @@ def bwrap_command(argv: list[str], env: dict[str, str], seccomp_fd: int | None) 
     if _bwrap_supports("--disable-userns"):
         cmd.append("--disable-userns")
     # the private /tmp first, so that a runtime or course folder under /tmp stays visible
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(256 * 2**20), "--tmpfs", "/tmp"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(256 * 2**20), "--tmpfs", SANDBOX_TMP]
     for p in _readonly_paths():
         if os.path.islink(p):
             cmd += ["--symlink", os.readlink(p), p]
@@ -359,7 +366,7 @@ def _drain(fd: int, cap: int, sink: list, flags: dict) -> None:
 
 
 def child_env(workdir: str) -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+    env = {"PATH": SYSTEM_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
            "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
            "COURSE_GRADING": "1"}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
