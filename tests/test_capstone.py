@@ -81,6 +81,10 @@ def test_the_committed_run_agrees_with_the_decision_logic():
         row = C.choose(result["rows"], brief)
         assert row["variant"] == chosen and row["perplexity_ratio"] <= 1.05
     assert "chosen:" in C.report_card(result)
+    served = result["deployment"]
+    assert served["variant"] == result["chosen"][result["brief"]]
+    assert all(r["same tokens"] in (None, True) for r in served["rows"])
+    assert all(r["prefill_ms"] > 0 for r in result["rows"] if r["decode_ms"] is not None)
     ablation = C.ordering_ablation(result["rows"])
     assert ablation["difference"] != 0
 
@@ -90,3 +94,22 @@ def test_the_command_rejects_an_unknown_brief():
         C.main(["build", "--brief", "fastest"])
     with pytest.raises(ValueError, match="brief must be one of"):
         C.run_build("fastest")
+
+
+def test_the_choice_is_served_by_an_engine_with_the_same_tokens():
+    """deployment on the small course model: ONNX Runtime's export gives the eager tokens and
+    is timed beside it; a quantized variant gets a reason instead of an export."""
+    from utils.models import encode_split, load_course_model
+
+    small, tok = load_course_model("small")
+    ctx = C.Context(small, tok, None, encode_split("validation", tok)[:1024], None, 0, 256)
+    served = C.deployment((), ctx, None, engines=("onnxruntime",), min_run_time=0.05,
+                          new_tokens=4)
+    ort = {r["engine"]: r for r in served["rows"]}["teacher, ONNX Runtime"]
+    assert ort["same tokens"] is True and ort["prefill_ms"] > 0 and ort["decode_ms"] > 0
+    int8 = C.deployment(("int8",), ctx, None, engines=("onnxruntime",), min_run_time=0.05)
+    assert [r["engine"] for r in int8["rows"]] == ["teacher, eager", "int8, eager",
+                                                   "int8, ONNX Runtime"]
+    assert int8["rows"][-1]["note"].startswith("not served") and "decode_ms" not in int8["rows"][-1]
+    with pytest.raises(ValueError, match="unknown engine"):
+        C.deployment((), ctx, None, engines=("tensorrt",))

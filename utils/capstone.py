@@ -278,6 +278,25 @@ def decode_timings(models: dict, batch: int, prompt_len: int = 64,
                         batch_size=batch)
 
 
+def prefill_timings(models: dict, prompt_len: int = 64,
+                    min_run_time: float = 0.5) -> dict[str, dict]:
+    """The prefill of one ``prompt_len``-token prompt into a static cache (batch 1) by each
+    ``CourseLlama``, timed side by side in one ``utils.bench.compare`` run (the time to the
+    first token, less the sampling): ``{name: {"median_ms", "iqr_ms", "speedup"}}``."""
+    from utils.bench import compare
+    from utils.llama import StaticKVCache
+
+    steps = {}
+    with torch.inference_mode():
+        for label, m in models.items():
+            base = getattr(m, "_orig_mod", m)
+            cache = StaticKVCache(base.config, 1, prompt_len)
+            ids = torch.randint(0, base.config.vocab_size, (1, prompt_len),
+                                generator=torch.Generator().manual_seed(0))
+            steps[label] = (lambda m=m, c=cache, i=ids, p=torch.arange(prompt_len): m(i, c, p))
+        return compare(steps, min_run_time=min_run_time, warmup=1)
+
+
 def size_bytes(model) -> int:
     from utils.quantization import serialized_bytes
 
@@ -285,15 +304,17 @@ def size_bytes(model) -> int:
 
 
 def measure(chains, ctx: Context, work_dir: Path | None = WORK_DIR, min_run_time: float = 0.5,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, memo: dict | None = None) -> list[dict]:
     """Build every chain, then measure all of them in the same run: size, perplexity, top-1,
-    batch-1 decode ms and batch-16 tokens/s. One row per chain."""
-    memo = {}
+    batch-1 prefill of a 64-token prompt, batch-1 decode ms and batch-16 tokens/s. One row per
+    chain. ``memo`` (see ``build``) keeps the built models for the caller."""
+    memo = {} if memo is None else memo
     built = {variant_name(c): (tuple(c), build(c, ctx, work_dir, progress, memo)) for c in chains}
     q = quality({n: m for n, (_, m) in built.items()}, ctx)
     fast = {n: speed_model(c, build(float_parent(c), ctx, work_dir, False, memo))
             for n, (c, m) in built.items()}
     timed = {n: m for n, m in fast.items() if m is not None}
+    first = prefill_timings(timed, min_run_time=min_run_time)
     one = decode_timings(timed, 1, min_run_time=min_run_time)
     many = decode_timings(timed, 16, min_run_time=min_run_time)
     teacher_ppl = q["teacher"]["perplexity"] if "teacher" in q else None
@@ -304,10 +325,129 @@ def measure(chains, ctx: Context, work_dir: Path | None = WORK_DIR, min_run_time
             "perplexity": q[name]["perplexity"],
             "perplexity_ratio": q[name]["perplexity"] / teacher_ppl if teacher_ppl else None,
             "top1_agreement": q[name]["top1_agreement"],
+            "prefill_ms": first[name]["median_ms"] if name in first else None,
             "decode_ms": one[name]["median_ms"] if name in one else None,
             "tokens_per_s": many[name]["tokens_per_s"] if name in many else None,
             "ablation": chain in ABLATIONS})
     return rows
+
+
+# --------------------------------------------------------------------------- serving the choice
+
+DEPLOY_PROMPT = 64  # prompt tokens of the timed prefill; the decode step attends over them
+ENGINES = ("eager", "compiled", "onnxruntime")
+
+
+def _export_decoder(model, path: Path) -> Path:
+    """Chapter 08's ``DecoderWithPast`` of ``model`` exported to ``path`` (kept: restartable)."""
+    from utils.export import DecoderWithPast, cache_shape, export_onnx
+
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    past = [torch.zeros(cache_shape(cfg, 2, 3)) for _ in range(2)]
+    signature = {"input_ids": ("batch", "sequence"),
+                 "past_keys": (None, "batch", None, "past", None),
+                 "past_values": (None, "batch", None, "past", None)}
+    return export_onnx(DecoderWithPast(model), (ids, *past), path, signature,
+                       ["logits", "present_keys", "present_values"])
+
+
+def deployment(chain, ctx: Context, work_dir: Path | None = WORK_DIR, memo: dict | None = None,
+               engines=ENGINES, min_run_time: float = 0.5, new_tokens: int = 16) -> dict:
+    """The variant of ``chain`` served by each of ``engines``, beside the teacher in eager
+    PyTorch: chapter 06's static-cache decode (``eager``) and the same under ``torch.compile``
+    (``compiled``, one graph for the prefill shape, one for the decode step), and chapter 08's
+    export to ONNX Runtime (``onnxruntime``: ``DecoderWithPast``, the cache as tensors that grow).
+    Batch 1: the prefill of a ``DEPLOY_PROMPT``-token prompt and one decode step after it, each
+    timed side by side in one ``compare`` run. Each engine's ``new_tokens`` greedy tokens are
+    checked against the eager variant's; ``setup_s`` is its one-off cost (compiling, exporting
+    and loading the session), not timed with the steps. An engine that cannot serve the variant
+    (a quantized model has no ONNX export here; a machine without a C++ compiler cannot compile)
+    gets a row with the reason instead of numbers."""
+    from utils.bench import compare
+    from utils.llama import StaticKVCache, generate_with_cache
+
+    chain = check_chain(chain)
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise ValueError(f"unknown engine(s) {unknown}: engines are {ENGINES}")
+    memo = {} if memo is None else memo
+    model = build(chain, ctx, work_dir, False, memo)
+    course = speed_model(chain, build(float_parent(chain), ctx, work_dir, False, memo))
+    if course is None:
+        raise ValueError(f"{variant_name(chain)} has no decode path to serve (low-rank layers)")
+    teacher = speed_model((), ctx.teacher)
+    prompt = ctx.val_ids.reshape(-1)[:DEPLOY_PROMPT].unsqueeze(0)  # held-out text
+    positions, step_pos = torch.arange(DEPLOY_PROMPT), torch.tensor([DEPLOY_PROMPT])
+
+    def course_steps(m, base):
+        """(prefill, decode step) callables of CourseLlama ``m`` over one static cache."""
+        cache = StaticKVCache(base.config, 1, DEPLOY_PROMPT + 1)
+        return (lambda: m(prompt, cache, positions),
+                lambda: m(prompt[:, -1:], cache, step_pos))
+
+    name = variant_name(chain)
+    rows, prefill, decode = [], {}, {}
+    with torch.inference_mode():
+        reference = generate_with_cache(course, prompt, new_tokens)[0, DEPLOY_PROMPT:].tolist()
+        served = [("teacher, eager", teacher, "the baseline")]
+        if chain:
+            served.append((f"{name}, eager", course, "the reference tokens"))
+        for label, m, note in served:
+            prefill[label], decode[label] = course_steps(m, m)
+            rows.append({"engine": label, "setup_s": 0.0, "same tokens": None,
+                         "note": f"chapter 06's static KV cache; {note}"})
+        if "compiled" in engines:
+            label, t0 = f"{name}, torch.compile", time.perf_counter()
+            try:
+                compiled = torch.compile(course, dynamic=False)
+                tokens = generate_with_cache(compiled, prompt, new_tokens)[0, DEPLOY_PROMPT:]
+                tokens = tokens.tolist()
+                prefill[label], decode[label] = course_steps(compiled, course)
+                for step in (prefill[label], decode[label]):
+                    step()  # the step shapes compiled before timing
+                rows.append({"engine": label, "setup_s": time.perf_counter() - t0,
+                             "same tokens": tokens == reference,
+                             "note": "Inductor, a graph per shape (prefill, decode)"})
+            except Exception as err:  # noqa: BLE001  (no compiler, an unsupported kernel)
+                rows.append({"engine": label, "note": f"not served: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:120]}"})
+        if "onnxruntime" in engines:
+            label = f"{name}, ONNX Runtime"
+            if chain and chain[-1] in QUANTIZE:
+                rows.append({"engine": label, "note": "not served: this quantized model has no "
+                             "ONNX export here (chapter 08 quantizes in the engine instead)"})
+            else:
+                from utils.export import (empty_cache, greedy_decode, ort_session, ort_step,
+                                          workdir)
+
+                t0 = time.perf_counter()
+                folder = Path(work_dir) if work_dir is not None else workdir("course10_")
+                stem = Path(_stage_file(chain, len(chain) - 1, ctx)).stem if chain else "teacher"
+                path = _export_decoder(model, folder / f"{stem}.onnx")
+                session = ort_session(path, providers=["CPUExecutionProvider"])
+                step = ort_step(session)
+                tokens = greedy_decode(step, prompt, new_tokens, model.config)
+                ids = prompt.numpy().astype("int64")
+                empty = [t.numpy() for t in empty_cache(model.config)]
+                _, keys, values = step(ids, *empty)
+                prefill[label] = lambda: step(ids, *empty)
+                decode[label] = lambda: step(ids[:, -1:], keys, values)
+                rows.append({"engine": label, "setup_s": time.perf_counter() - t0,
+                             "same tokens": tokens == reference,
+                             "note": "DecoderWithPast, CPU provider, all graph optimisations"})
+        first = compare(prefill, min_run_time=min_run_time, warmup=1)
+        step = compare(decode, min_run_time=min_run_time, warmup=1)
+    for row in rows:
+        label = row["engine"]
+        if label in first:
+            row.update(prefill_ms=first[label]["median_ms"], prefill_x=first[label]["speedup"],
+                       decode_ms=step[label]["median_ms"], decode_x=step[label]["speedup"])
+    return {"variant": name, "prompt_len": DEPLOY_PROMPT, "new_tokens": new_tokens,
+            "rows": rows}
 
 
 # --------------------------------------------------------------------------- deciding
@@ -361,11 +501,12 @@ def stage_effects(rows: list[dict], chain) -> list[dict]:
         row = by[variant_name(tuple(chain[:i + 1]))]
         ratio = lambda key: (row[key] / previous[key]  # noqa: E731
                              if row.get(key) and previous.get(key) else None)
+        speedup = lambda key: (previous[key] / row[key]  # noqa: E731
+                               if row.get(key) and previous.get(key) else None)
         out.append({"stage": chain[i], "variant": row["variant"], "size x": ratio("size_mb"),
                     "perplexity x": ratio("perplexity"),
-                    "decode speed-up": (previous["decode_ms"] / row["decode_ms"]
-                                        if row.get("decode_ms") and previous.get("decode_ms")
-                                        else None),
+                    "prefill speed-up": speedup("prefill_ms"),
+                    "decode speed-up": speedup("decode_ms"),
                     "batch-16 throughput x": ratio("tokens_per_s")})
         previous = row
     return out
@@ -413,19 +554,25 @@ def run_build(brief: str = "latency", heal_steps: int = 200, max_tokens: int = 8
               work_dir: Path | None = WORK_DIR, min_run_time: float = 0.5,
               save: bool = False) -> dict:
     """The end-to-end command: every variant built (restartable), measured in one run, the
-    brief's choice and report card. ``save`` writes ``RESULTS_PATH``."""
+    brief's choice served eager, compiled and in ONNX Runtime (``deployment``), and the report
+    card. ``save`` writes ``RESULTS_PATH``."""
     if brief not in BRIEFS:
         raise ValueError(f"brief must be one of {sorted(BRIEFS)}, got {brief!r}")
     start = time.perf_counter()
     ctx = load_context(heal_steps, max_tokens)
-    rows = measure(VARIANTS, ctx, work_dir, min_run_time)
+    memo = {}
+    rows = measure(VARIANTS, ctx, work_dir, min_run_time, memo=memo)
     chosen = {name: (choose(rows, b) or {}).get("variant") for name, b in BRIEFS.items()}
+    pick = next((r for r in rows if r["variant"] == chosen[brief]), None)
+    served = None if pick is None else deployment(pick["stages"], ctx, work_dir, memo,
+                                                  min_run_time=min_run_time)
     result = {"settings": {"heal_steps": heal_steps, "max_tokens": max_tokens,
                            "machine": machine(), "dtype": "fp32 activations",
                            "decode": "one step, static cache of 64 tokens",
                            "date": time.strftime("%Y-%m-%d")},
               "briefs": {n: asdict(b) for n, b in BRIEFS.items()}, "rows": rows,
-              "chosen": chosen, "brief": brief, "minutes": (time.perf_counter() - start) / 60}
+              "chosen": chosen, "brief": brief, "deployment": served,
+              "minutes": (time.perf_counter() - start) / 60}
     if save:
         RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_PATH.write_text(json.dumps(result, indent=1) + "\n")
@@ -452,12 +599,25 @@ def report_card(result: dict) -> str:
              f"{chosen['tokens_per_s']:.0f} tokens/s at batch 16)", "",
              "stage by stage:", format_table(stage_effects(result["rows"], chosen["stages"])),
              "", "every variant, measured in the same run:",
-             format_table([{k: r[k] for k in ("variant", "size_mb", "perplexity", "top1_agreement",
-                                               "decode_ms", "tokens_per_s")}
-                           for r in result["rows"]]),
-             f"\n{result['settings']['machine']}; built and measured in "
+             format_table([{k: r.get(k) for k in ("variant", "size_mb", "perplexity",
+                                                   "top1_agreement", "prefill_ms", "decode_ms",
+                                                   "tokens_per_s")}
+                           for r in result["rows"]])]
+    served = result.get("deployment")
+    if served:
+        lines += ["", f"the choice served (batch 1, prefill of {served['prompt_len']} tokens, "
+                  "then one decode step; speed-ups over the teacher eager):",
+                  format_table(deployment_table(served))]
+    lines += [f"\n{result['settings']['machine']}; built and measured in "
              f"{result['minutes']:.1f} min"]
     return "\n".join(lines)
+
+
+def deployment_table(served: dict) -> list[dict]:
+    """``deployment``'s rows for printing: one line per engine, its reason where not served."""
+    keys = ("engine", "prefill_ms", "prefill_x", "decode_ms", "decode_x", "setup_s",
+            "same tokens", "note")
+    return [{k: r.get(k) for k in keys} for r in served["rows"]]
 
 
 def report_rows(quick: bool = False) -> list[dict]:
