@@ -98,6 +98,18 @@ def test_hidden_cases_can_stay_hidden():
     assert {t["visibility"] for t in results["tests"]} == {"visible", "hidden"}
 
 
+def test_a_lab_that_reads_a_committed_run_is_graded_from_its_bundle(tmp_path):
+    """Lab 10 grades PLAN against the capstone's committed run, a file outside utils/: the bundle
+    packs it (``LabSpec.repo_files``) and the master scores full marks from the bundle alone."""
+    lab10 = load_spec("lab10")
+    assert lab10.repo_files
+    zipped = gradescope.build_bundle("lab10", tmp_path)
+    with zipfile.ZipFile(zipped) as zf:
+        assert set(lab10.repo_files) <= set(zf.namelist())
+    results, _ = _autograder(tmp_path, zipped, (SOLUTIONS_DIR / lab10.notebook).read_bytes())
+    assert results["score"] == lab10.total_points, results
+
+
 def test_gradescope_errors_name_the_argument(tmp_path, capsys):
     for argv, fragment in ((["lab98", "--out", str(tmp_path)], "lab:"),
                            (["lab00"], "--out"),

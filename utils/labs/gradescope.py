@@ -101,6 +101,8 @@ def build_bundle(lab: str, out_dir: str | Path, *, private: str | Path | None = 
         for file in sorted((REPO_ROOT / "utils").rglob("*")):
             if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
                 _add(zf, file.relative_to(REPO_ROOT).as_posix(), file.read_bytes())
+        for name in spec.repo_files:
+            _add(zf, name, (REPO_ROOT / name).read_bytes())
         if private is not None:
             _add(zf, "private_cases.py", Path(private).read_bytes())
         _add(zf, "README.txt", f"Gradescope autograder for {spec.title} ({lab}); built by "

@@ -116,6 +116,8 @@ class LabSpec:
     call_timeout_s: float = 10.0  # one call of the learner's function
     memory_mb: int = 2048         # address-space limit of the sandboxed process
     preimport: tuple[str, ...] = ()  # modules imported in the sandbox before student code
+    # files outside utils/ that grading reads (repository-relative); the Gradescope bundle packs them
+    repo_files: tuple[str, ...] = ()
 
     def __post_init__(self):
         names = [e.name for e in self.exercises]

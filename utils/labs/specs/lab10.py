@@ -151,6 +151,7 @@ SPEC = LabSpec(
           "a brief",
     seed=1010, timeout_s=90, cell_timeout_s=30, call_timeout_s=10, memory_mb=4096,
     preimport=("torch",),
+    repo_files=("models/results/10_capstone.json",),  # the committed run PLAN is looked up in
     exercises=(
         Exercise(
             name="pareto_variants", points=2, title="The variants on the Pareto front",
