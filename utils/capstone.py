@@ -284,17 +284,26 @@ def prefill_timings(models: dict, prompt_len: int = 64,
     ``CourseLlama``, timed side by side in one ``utils.bench.compare`` run (the time to the
     first token, less the sampling): ``{name: {"median_ms", "iqr_ms", "speedup"}}``."""
     from utils.bench import compare
-    from utils.llama import StaticKVCache
 
     steps = {}
     with torch.inference_mode():
         for label, m in models.items():
-            base = getattr(m, "_orig_mod", m)
-            cache = StaticKVCache(base.config, 1, prompt_len)
-            ids = torch.randint(0, base.config.vocab_size, (1, prompt_len),
+            config = getattr(m, "_orig_mod", m).config
+            ids = torch.randint(0, config.vocab_size, (1, prompt_len),
                                 generator=torch.Generator().manual_seed(0))
-            steps[label] = (lambda m=m, c=cache, i=ids, p=torch.arange(prompt_len): m(i, c, p))
+            steps[label] = course_steps(m, config, ids)[0]
         return compare(steps, min_run_time=min_run_time, warmup=1)
+
+
+def course_steps(m, config, prompt: torch.Tensor):
+    """(prefill of ``prompt``, one decode step after it) callables of ``CourseLlama`` ``m``
+    (or its compiled wrapper) over one static KV cache, batch 1."""
+    from utils.llama import StaticKVCache
+
+    n = prompt.shape[1]
+    cache = StaticKVCache(config, 1, n + 1)
+    positions, step_pos = torch.arange(n), torch.tensor([n])
+    return (lambda: m(prompt, cache, positions), lambda: m(prompt[:, -1:], cache, step_pos))
 
 
 def size_bytes(model) -> int:
@@ -368,7 +377,7 @@ def deployment(chain, ctx: Context, work_dir: Path | None = WORK_DIR, memo: dict
     (a quantized model has no ONNX export here; a machine without a C++ compiler cannot compile)
     gets a row with the reason instead of numbers."""
     from utils.bench import compare
-    from utils.llama import StaticKVCache, generate_with_cache
+    from utils.llama import generate_with_cache
 
     chain = check_chain(chain)
     unknown = [e for e in engines if e not in ENGINES]
@@ -381,13 +390,6 @@ def deployment(chain, ctx: Context, work_dir: Path | None = WORK_DIR, memo: dict
         raise ValueError(f"{variant_name(chain)} has no decode path to serve (low-rank layers)")
     teacher = speed_model((), ctx.teacher)
     prompt = ctx.val_ids.reshape(-1)[:DEPLOY_PROMPT].unsqueeze(0)  # held-out text
-    positions, step_pos = torch.arange(DEPLOY_PROMPT), torch.tensor([DEPLOY_PROMPT])
-
-    def course_steps(m, base):
-        """(prefill, decode step) callables of CourseLlama ``m`` over one static cache."""
-        cache = StaticKVCache(base.config, 1, DEPLOY_PROMPT + 1)
-        return (lambda: m(prompt, cache, positions),
-                lambda: m(prompt[:, -1:], cache, step_pos))
 
     name = variant_name(chain)
     rows, prefill, decode = [], {}, {}
@@ -397,7 +399,7 @@ def deployment(chain, ctx: Context, work_dir: Path | None = WORK_DIR, memo: dict
         if chain:
             served.append((f"{name}, eager", course, "the reference tokens"))
         for label, m, note in served:
-            prefill[label], decode[label] = course_steps(m, m)
+            prefill[label], decode[label] = course_steps(m, m.config, prompt)
             rows.append({"engine": label, "setup_s": 0.0, "same tokens": None,
                          "note": f"chapter 06's static KV cache; {note}"})
         if "compiled" in engines:
@@ -406,7 +408,7 @@ def deployment(chain, ctx: Context, work_dir: Path | None = WORK_DIR, memo: dict
                 compiled = torch.compile(course, dynamic=False)
                 tokens = generate_with_cache(compiled, prompt, new_tokens)[0, DEPLOY_PROMPT:]
                 tokens = tokens.tolist()
-                prefill[label], decode[label] = course_steps(compiled, course)
+                prefill[label], decode[label] = course_steps(compiled, course.config, prompt)
                 for step in (prefill[label], decode[label]):
                     step()  # the step shapes compiled before timing
                 rows.append({"engine": label, "setup_s": time.perf_counter() - t0,
